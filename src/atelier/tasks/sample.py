@@ -1,0 +1,83 @@
+"""The ``sample`` task: load any Atelier checkpoint and draw images through the model's ``sample`` method."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from atelier.callbacks.checkpoint_extras import CONFIG_KEY
+from atelier.callbacks.samples import save_grid
+from atelier.utils.config import write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
+    """Rebuild the LightningModule stored in an Atelier checkpoint and load its weights (EMA included).
+
+    The model config is read from the checkpoint itself (saved there by training); for older checkpoints,
+    from ``.hydra/config.yaml`` of the run directory that holds ``checkpoints/``. Loads with
+    ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: when the checkpoint does not exist (naming the path).
+        KeyError: when neither the checkpoint nor its run directory holds a model config.
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    stored = checkpoint.get(CONFIG_KEY, {}).get("model")
+    if stored is None:
+        run_cfg = path.resolve().parent.parent / ".hydra" / "config.yaml"
+        if not run_cfg.is_file():
+            raise KeyError(f"{path} holds no model config and {run_cfg} does not exist")
+        stored = OmegaConf.to_container(OmegaConf.load(run_cfg).model, resolve=True)
+    model: L.LightningModule = hydra.utils.instantiate(OmegaConf.create(stored))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model
+
+
+def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
+    """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null)."""
+    accepted = inspect.signature(model.sample).parameters
+    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size")}
+    ignored = [k for k, v in options.items() if v is not None and k not in accepted]
+    if ignored:
+        log.warning("%s.sample does not take %s; ignored", type(model).__name__, ignored)
+    return {k: v for k, v in options.items() if v is not None and k in accepted}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Draw ``cfg.num_samples`` images; write ``grid.png``, ``images/*.png`` and ``sample_info.json``."""
+    output_dir = Path(cfg.paths.output_dir)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_module(cfg.ckpt_path).to(device)
+    kwargs = sample_kwargs(model, cfg)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    start = time.perf_counter()
+    images = model.sample(int(cfg.num_samples), generator=generator, **kwargs)
+    seconds = time.perf_counter() - start
+    grid = save_grid(images, output_dir / "grid.png", nrow=cfg.get("nrow"))
+    if cfg.get("save_images", True):
+        folder = output_dir / "images"
+        for i, image in enumerate(images):
+            save_grid(image[None], folder / f"{i:05d}.png", nrow=1)
+    info = {"ckpt_path": str(cfg.ckpt_path), "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
+            "sample_kwargs": kwargs, "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),
+            "shape": list(images.shape)}
+    write_json(info, output_dir / "sample_info.json")
+    log.info("%d samples in %.1f s (%.3f s/image): %s", cfg.num_samples, seconds, info["seconds_per_image"], grid)
+    return info

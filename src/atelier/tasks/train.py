@@ -1,0 +1,90 @@
+"""The ``train`` task: compose datamodule, model, callbacks, loggers and trainer from the config and fit."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from atelier.callbacks.checkpoint_extras import CheckpointExtras
+from atelier.utils.config import instantiate_group, print_config_tree, run_info, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train the model that ``cfg`` describes; return the final metrics (also written to ``metrics.json``).
+
+    Writes into ``cfg.paths.output_dir``: ``checkpoints/`` (``last.ckpt`` and periodic ones), ``samples/``,
+    ``wandb/`` and CSV/TensorBoard logs, ``run_info.json`` (git commit, packages, seed), ``config_tree.log``,
+    ``metrics.json`` and, for models with ``save_pretrained``, a diffusers pipeline directory ``pipeline/``.
+    ``wandb.finish()`` is always called, so multirun jobs get separate W&B runs.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    write_json(run_info(cfg.get("seed")), output_dir / "run_info.json")
+
+    try:
+        log.info("Instantiating datamodule <%s>", cfg.data._target_)
+        datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+        log.info("Instantiating model <%s>", cfg.model._target_)
+        model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        stored = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                  "data": OmegaConf.to_container(cfg.data, resolve=True)}
+        callbacks.append(CheckpointExtras(stored))
+        loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(resolved)
+
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        fit_seconds = time.perf_counter() - start
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics.update(global_step=trainer.global_step, fit_seconds=round(fit_seconds, 1))
+        if trainer.is_global_zero:
+            if hasattr(model, "save_pretrained") and not trainer.fast_dev_run and cfg.get("export_pipeline", True):
+                path = model.save_pretrained(output_dir / "pipeline")
+                log.info("diffusers pipeline saved to %s", path)
+            write_json(metrics, output_dir / "metrics.json")
+        log.info("Output directory: %s", output_dir)
+        return metrics
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
+    """The metric ``name`` from ``metrics`` (for sweepers), or ``None`` when no name is given.
+
+    A name that was not logged gives a warning listing the available metrics, and ``None``.
+    """
+    if not name:
+        return None
+    if name not in metrics:
+        log.warning("optimized_metric=%r was not logged; available: %s", name, sorted(metrics))
+        return None
+    return float(metrics[name])
+

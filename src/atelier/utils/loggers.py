@@ -1,0 +1,47 @@
+"""Logger factories: W&B online when credentials exist, offline otherwise (``WANDB_MODE`` wins)."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def wandb_credentials_present() -> bool:
+    """True when ``WANDB_API_KEY`` is set or ``~/.netrc`` has an entry for the W&B API host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when set (``online``, ``offline``, ``disabled``), else online iff credentials exist."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    return "online" if wandb_credentials_present() else "offline"
+
+
+def wandb_logger(save_dir: str, project: str = "atelier", **kwargs: Any) -> WandbLogger:
+    """A Lightning ``WandbLogger`` writing under ``save_dir/wandb``, online or offline as :func:`wandb_mode` says.
+
+    In offline mode it logs the one command that uploads the run later (``wandb sync <run dir>``).
+    """
+    mode = wandb_mode()
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if mode == "disabled":
+        kwargs["mode"] = "disabled"
+    logger = WandbLogger(save_dir=save_dir, project=project, offline=mode == "offline", **kwargs)
+    if mode == "offline":
+        log.info("W&B runs offline (no credentials). To upload later: wandb sync %s/wandb/offline-run-*", save_dir)
+    return logger
