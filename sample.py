@@ -5,8 +5,8 @@ from pathlib import Path
 
 os.environ.setdefault("ATELIER_ROOT", str(Path(__file__).resolve().parent))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

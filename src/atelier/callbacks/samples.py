@@ -19,7 +19,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     """Save ``(N, C, H, W)`` images in ``[-1, 1]`` as one PNG grid (``nrow`` per row, default ≈ √N)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
+    nrow = nrow or max(1, round(images.shape[0] ** 0.5))
     save_image((images.detach().float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
     return path
 
@@ -79,7 +79,7 @@ class SampleGrid(Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], caption=[f"step {step}"], step=step)
             elif isinstance(logger, TensorBoardLogger):
-                grid = make_grid((images.cpu() + 1) / 2, nrow=max(1, int(round(len(images) ** 0.5))))
+                grid = make_grid((images.cpu() + 1) / 2, nrow=max(1, round(len(images) ** 0.5)))
                 logger.experiment.add_image("samples", grid, global_step=step)
         log.info("sample grid saved: %s", path)
         return path

@@ -54,6 +54,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         fit_seconds = time.perf_counter() - start
 
+        if not trainer.fast_dev_run and not trainer.interrupted:
+            # last.ckpt always holds the final state, also when max_time/max_steps ended between periodic saves
+            trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics.update(global_step=trainer.global_step, fit_seconds=round(fit_seconds, 1))
         if trainer.is_global_zero:

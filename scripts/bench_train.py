@@ -1,0 +1,127 @@
+"""Training and sampling throughput: Atelier (Lightning) vs a plain PyTorch loop, same UNet and batch.
+
+    python scripts/bench_train.py                      # the ddpm_mnist_cpu network, batch 64, 28 px
+    python scripts/bench_train.py --steps 50 --batch-size 128 --channels 32 64 64
+
+Prints training images/s through Lightning and through a raw loop doing the same work per step (diffusion
+loss, AdamW, gradient clipping, EMA update), their ratio, and sampling seconds per image for DDPM-1000
+(extrapolated from a shorter run, the cost per step being constant) and DDIM-50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from atelier.data.mnist import MNISTDataModule  # noqa: E402
+from atelier.models.ddpm import DDPM  # noqa: E402
+from atelier.nets.unet import build_unet  # noqa: E402
+
+
+def make_model(args: argparse.Namespace) -> DDPM:
+    torch.manual_seed(0)
+    net = build_unet(args.image_size, 1, block_out_channels=args.channels, layers_per_block=args.layers,
+                     attention_resolutions=(), norm_num_groups=min(32, min(args.channels)))
+    return DDPM(net, functools.partial(torch.optim.AdamW, lr=1e-3), beta_schedule="squaredcos_cap_v2",
+                min_snr_gamma=5.0)
+
+
+class StepTimer(L.Callback):
+    """Wall time of the steps after ``warmup``."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.end = time.perf_counter()
+
+
+def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace) -> float:
+    model = make_model(args)
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.warmup + args.steps,
+                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(model, train_dataloaders=loader)
+    return args.steps * args.batch_size / (timer.end - timer.start)
+
+
+def raw_images_per_s(loader: DataLoader, args: argparse.Namespace) -> float:
+    model = make_model(args)
+    model.train()
+    opt = torch.optim.AdamW(model.net.parameters(), lr=1e-3)
+    it = iter(loader)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            start = time.perf_counter()
+        x0 = next(it)[0]
+        loss = model.diffusion_loss(x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.net.parameters(), 1.0)
+        opt.step()
+        model.ema.update_parameters(model.net)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def sampling_seconds_per_image(args: argparse.Namespace) -> dict[str, float]:
+    model = make_model(args)
+    n = args.sample_n
+    out = {}
+    for name, sampler, steps, scale in (("DDPM-1000 (from 100 steps)", "ddpm", 100, 10.0),
+                                        ("DDIM-50", "ddim", 50, 1.0), ("DPM-Solver++-25", "dpmpp", 25, 1.0)):
+        start = time.perf_counter()
+        model.sample(n, generator=torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=steps)
+        out[name] = (time.perf_counter() - start) * scale / n
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--sample-n", type=int, default=64)
+    parser.add_argument("--data-dir", default=os.environ.get("ATELIER_DATA_DIR", str(ROOT / "data")))
+    args = parser.parse_args()
+
+    dm = MNISTDataModule(args.data_dir, image_size=args.image_size, download=False)
+    dm.setup()
+    n = (args.warmup + args.steps) * args.batch_size
+    x = torch.stack([dm.train_set[i][0] for i in range(n)])
+    dataset = TensorDataset(x, torch.zeros(n, dtype=torch.long))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, UNet {args.channels} x{args.layers}, "
+          f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps")
+    raw = raw_images_per_s(loader, args)
+    lit = lightning_images_per_s(loader, args)
+    raw2 = raw_images_per_s(loader, args)  # again, to see the run-to-run spread
+    raw_best = max(raw, raw2)
+    print(f"plain PyTorch loop : {raw:8.1f} / {raw2:.1f} images/s")
+    print(f"Atelier (Lightning): {lit:8.1f} images/s")
+    print(f"Lightning / plain  : {lit / raw_best:8.3f}  (overhead {100 * (1 - lit / raw_best):+.1f}%)")
+    for name, sec in sampling_seconds_per_image(args).items():
+        print(f"sampling {name:28s}: {sec:.4f} s/image")
+
+
+if __name__ == "__main__":
+    main()
