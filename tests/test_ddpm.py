@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,10 @@ def test_ddim_scheduler_keeps_training_schedule() -> None:
     sched = make_scheduler("ddim", model.noise_scheduler.config)
     assert sched.config.beta_schedule == "squaredcos_cap_v2"
     assert sched.config.prediction_type == "v_prediction"
+    # the sampler's own settings win over the training scheduler's defaults
+    assert sched.config.timestep_spacing == "trailing"
+    dpm = make_scheduler("dpmpp", model.noise_scheduler.config)
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.thresholding is True
     with pytest.raises(ValueError, match="allowed values"):
         make_scheduler("nope", model.noise_scheduler.config)
 
@@ -124,3 +129,33 @@ def test_save_pretrained_loads_as_ddpm_pipeline(tmp_path: Path) -> None:
         assert torch.equal(p, model.ema.module.state_dict()[name])
     out = pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 8, 8, 1)
+
+
+class OracleEpsilon(torch.nn.Module):
+    """The exact ε-prediction for data that is a single image ``x_star``: ε = (x_t - √ᾱ_t x*) / √(1 - ᾱ_t)."""
+
+    def __init__(self, x_star: torch.Tensor, alphas_cumprod: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("x_star", x_star)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.double())
+        self.config = SimpleNamespace(in_channels=x_star.shape[0], sample_size=x_star.shape[-1])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        a = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1) if t.ndim else self.alphas_cumprod[t.long()]
+        eps = (x.double() - a.sqrt() * self.x_star) / (1 - a).sqrt()
+        return SimpleNamespace(sample=eps.float())
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 1000), ("ddim", 20), ("dpmpp", 10)])
+def test_samplers_reach_the_data_with_an_exact_denoiser(beta_schedule: str, sampler: str, steps: int) -> None:
+    """With the exact ε of a one-image data set, every sampler must land on that image (checks the glue:
+    timesteps, schedules, scaling) for both beta schedules."""
+    x_star = torch.linspace(-0.9, 0.9, 64).view(1, 8, 8)
+    model = tiny_ddpm(beta_schedule=beta_schedule)
+    oracle = OracleEpsilon(x_star, model.noise_scheduler.alphas_cumprod)
+    model.net = oracle
+    model.ema.module = oracle
+    out = model.sample(4, generator=torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=steps)
+    assert out.shape == (4, 1, 8, 8)
+    torch.testing.assert_close(out, x_star.expand(4, 1, 8, 8), atol=0.05, rtol=0)

@@ -11,9 +11,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": False}),
+    # lambda_min_clipped keeps the cosine schedule's last, near-zero-SNR steps finite (diffusers' advice for
+    # squaredcos_cap_v2); thresholding clamps the x0 prediction to the data range [-1, 1] (Saharia et al. 2022),
+    # as DDIM's clip_sample does.
     "dpmpp": (
         DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"},
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing",
+         "lambda_min_clipped": -5.1, "thresholding": True, "sample_max_value": 1.0},
     ),
 }
 
@@ -32,4 +36,5 @@ def make_scheduler(name: str, train_config: dict[str, Any]) -> SchedulerMixin:
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r} is not known; allowed values: {sorted(SAMPLERS)}")
     cls, overrides = SAMPLERS[name]
-    return cls.from_config({**dict(train_config), **overrides})
+    # overrides as keyword arguments: a dict config would reset keys listed in its `_use_default_values`
+    return cls.from_config(train_config, **overrides)
