@@ -66,9 +66,10 @@ def test_offline_wandb_run_leaves_files(train_cfg, mnist_available) -> None:
     out = Path(cfg.paths.output_dir)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir())
-    assert list(runs[0].glob("run-*.wandb")), "no W&B event file"
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    assert "train/loss" in summary and "samples" in summary
+    events = list(runs[0].glob("run-*.wandb"))
+    assert events and events[0].stat().st_size > 0, "no W&B event file"
+    # the sample grid was logged as a W&B image
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     assert (out / "samples" / "step_0000002.png").is_file()
     metrics = (out / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "lr" in metrics
