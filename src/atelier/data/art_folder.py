@@ -143,7 +143,7 @@ class ArtFolderDataModule(LightningDataModule):
         train_full = ImageFolderDataset(self.root, paths, art_transform(hp.image_size, hp.channels, hp.hflip))
         val_full = ImageFolderDataset(self.root, paths, art_transform(hp.image_size, hp.channels, hflip=False))
         self.classes = train_full.classes
-        n_val = int(round(len(paths) * hp.val_fraction))
+        n_val = round(len(paths) * hp.val_fraction)
         if n_val == 0 or n_val >= len(paths):
             n_val = min(1, len(paths) - 1) if hp.val_fraction > 0 else 0
         generator = torch.Generator().manual_seed(hp.seed)
