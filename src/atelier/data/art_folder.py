@@ -12,6 +12,7 @@ from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
+from atelier.data.loaders import make_loader
 from atelier.data.transforms import art_transform
 
 log = logging.getLogger(__name__)
@@ -156,16 +157,8 @@ class ArtFolderDataModule(LightningDataModule):
         return len(self.classes)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        assert dataset is not None, "call setup() first"
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            pin_memory=self.hparams.pin_memory,
-        )
+        hp = self.hparams
+        return make_loader(dataset, hp.batch_size, shuffle, hp.num_workers, hp.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -10,6 +10,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import MNIST
 
+from atelier.data.loaders import make_loader
 from atelier.data.transforms import mnist_transform
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,8 @@ class MNISTDataModule(LightningDataModule):
         self.test_set = MNIST(str(self.data_dir), train=False, transform=self.transform, download=False)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        assert dataset is not None, "call setup() first"
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            pin_memory=self.hparams.pin_memory,
-        )
+        hp = self.hparams
+        return make_loader(dataset, hp.batch_size, shuffle, hp.num_workers, hp.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
