@@ -1,0 +1,1 @@
+"""Differentiable image augmentations applied inside the training step."""
