@@ -22,8 +22,9 @@ def ema_decay_at(step: int | torch.Tensor, max_decay: float, warmup: bool) -> fl
 def make_ema(net: nn.Module, max_decay: float = 0.999, warmup: bool = True) -> AveragedModel:
     """Return an ``AveragedModel`` holding an EMA copy of ``net`` (parameters and buffers, frozen).
 
-    ``ema.update_parameters(net)`` moves every tensor by ``(1 - decay) * (param - ema)``; ``ema.module`` is the
-    averaged network. Its state (weights and ``n_averaged``) is part of the owner's ``state_dict``.
+    ``ema.update_parameters(net)`` moves every floating-point tensor by ``(1 - decay) * (param - ema)`` and copies
+    integer buffers (BatchNorm's ``num_batches_tracked``); ``ema.module`` is the averaged network. Its state
+    (weights and ``n_averaged``) is part of the owner's ``state_dict``.
 
     Raises:
         ValueError: if ``max_decay`` is outside ``[0, 1)``.
@@ -33,6 +34,9 @@ def make_ema(net: nn.Module, max_decay: float = 0.999, warmup: bool = True) -> A
 
     @torch.no_grad()
     def multi_avg_fn(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not ema_params[0].is_floating_point():  # e.g. BatchNorm's num_batches_tracked: copy, not average
+            torch._foreach_copy_(ema_params, params)
+            return
         decay = ema_decay_at(n, max_decay, warmup)
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 

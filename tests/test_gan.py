@@ -1,0 +1,121 @@
+"""GAN nets and LightningModule: shapes, a few real optimisation steps, EMA, sampling, conditioning."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from atelier.models.gan import GAN
+from atelier.nets.gan import DCGANDiscriminator, DCGANGenerator, ResNetDiscriminator, ResNetGenerator
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize("family", ["dcgan", "resnet"])
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_nets_are_sized_from_the_image_size(size: int, family: str, num_classes: int | None) -> None:
+    g_cls, d_cls = (DCGANGenerator, DCGANDiscriminator) if family == "dcgan" else (ResNetGenerator,
+                                                                                  ResNetDiscriminator)
+    norm = "spectral" if family == "resnet" else "batch"
+    g = g_cls(image_size=size, channels=3, z_dim=8, base_channels=8, num_classes=num_classes)
+    d = d_cls(image_size=size, channels=3, base_channels=8, norm=norm, num_classes=num_classes)
+    labels = None if num_classes is None else torch.tensor([0, 2])
+    x = g(torch.randn(2, 8), labels)
+    assert x.shape == (2, 3, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    assert d(x, labels).shape == (2,)
+
+
+def test_bad_sizes_and_norms_name_the_key() -> None:
+    with pytest.raises(ValueError, match=r"data\.image_size=28"):
+        DCGANGenerator(image_size=28)
+    with pytest.raises(ValueError, match=r"model\.discriminator\.norm='layer'"):
+        DCGANDiscriminator(norm="layer")
+    with pytest.raises(ValueError, match="num_classes"):
+        _gan(num_classes_d=5)
+
+
+def test_projection_discriminator_uses_the_label() -> None:
+    torch.manual_seed(0)
+    d = DCGANDiscriminator(image_size=16, channels=1, base_channels=8, norm="none", num_classes=4)
+    x = torch.randn(3, 1, 16, 16)
+    assert not torch.allclose(d(x, torch.tensor([0, 0, 0])), d(x, torch.tensor([1, 1, 1])))
+    with pytest.raises(ValueError, match="class-conditional"):
+        d(x)
+
+
+def _gan(num_classes: int | None = None, num_classes_d: int | None = None, **kwargs) -> GAN:
+    g = DCGANGenerator(image_size=16, channels=1, z_dim=8, base_channels=8, num_classes=num_classes)
+    d_norm = kwargs.pop("d_norm", "batch")
+    d = DCGANDiscriminator(image_size=16, channels=1, base_channels=8, norm=d_norm,
+                           num_classes=num_classes if num_classes_d is None else num_classes_d)
+    opt = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999))
+    return GAN(g, d, opt, opt, ema_decay=0.9, interpolation_rows=2, interpolation_steps=3, **kwargs)
+
+
+def _fit(model: GAN, batches: int, labels: bool = False) -> L.Trainer:
+    torch.manual_seed(0)
+    x = torch.rand(batches * 8, 1, 16, 16) * 2 - 1
+    y = torch.randint(0, 3, (batches * 8,))
+    data = TensorDataset(x, y) if labels else TensorDataset(x)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    return trainer
+
+
+def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_a_few_steps_change_g_and_d_and_the_ema_lags() -> None:
+    model = _gan()
+    g0, d0 = _copy(model.generator), _copy(model.discriminator)
+    trainer = _fit(model, batches=4)
+    assert trainer.global_step == 8  # one D and one G optimiser step per batch
+    assert int(model.d_steps) == 4
+    for name, before in (("generator", g0), ("discriminator", d0)):
+        after = getattr(model, name).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()), name
+    ema = model.ema.module.state_dict()
+    g = model.generator.state_dict()
+    assert not torch.allclose(ema["main.0.weight"], g["main.0.weight"])
+    assert not torch.allclose(ema["main.0.weight"], g0["main.0.weight"])  # it moved too
+    metrics = trainer.callback_metrics
+    for key in ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake"):
+        assert torch.isfinite(metrics[key]), key
+
+
+def test_n_critic_wgan_gp_and_r1_are_applied() -> None:
+    model = _gan(loss="wgan_gp", n_critic=2, d_norm="none", r1_gamma=1.0, r1_interval=2)
+    trainer = _fit(model, batches=4)
+    assert int(model.d_steps) == 4
+    assert trainer.global_step == 4 + 2  # 4 critic steps, 2 generator steps
+    assert trainer.callback_metrics["train/gp"] >= 0
+    assert trainer.callback_metrics["train/r1"] > 0
+
+
+def test_sample_contract_and_conditional_labels() -> None:
+    model = _gan(num_classes=3, diffaugment="color,translation,cutout")
+    _fit(model, batches=2, labels=True)
+    a = model.sample(5, generator=torch.Generator().manual_seed(1))
+    b = model.sample(5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (5, 1, 16, 16) and a.dtype == torch.float32
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    raw = model.sample(5, generator=torch.Generator().manual_seed(1), use_ema=False)
+    assert not torch.allclose(a, raw)
+    same_z_other_class = model.sample(5, generator=torch.Generator().manual_seed(1), labels=torch.zeros(5))
+    assert torch.equal(a[0], same_z_other_class[0]) and not torch.allclose(a[1], same_z_other_class[1])
+    grids = model.visualizations(torch.Generator().manual_seed(0))
+    images, nrow = grids["interpolation"]
+    assert images.shape == (6, 1, 16, 16) and nrow == 3
+
+
+def test_conditional_gan_needs_labels() -> None:
+    model = _gan(num_classes=3)
+    with pytest.raises(Exception, match="label"):
+        _fit(model, batches=1, labels=False)
