@@ -31,6 +31,22 @@ TINY_DDPM = [
     "model.num_inference_steps=2",
 ]
 
+# GAN and VAE nets small enough for a CPU test step in well under a second.
+TINY_GAN = [
+    "model.generator.base_channels=8",
+    "model.generator.z_dim=16",
+    "model.discriminator.base_channels=8",
+    "model.interpolation_rows=2",
+    "model.interpolation_steps=3",
+    "trainer.gradient_clip_val=null",
+]
+TINY_VAE = [
+    "model.encoder.base_channels=8",
+    "model.decoder.base_channels=8",
+    "model.latent_dim=4",
+]
+TINY = {"ddpm": TINY_DDPM, "gan": TINY_GAN, "gan_hinge_sn": TINY_GAN, "gan_wgan_gp": TINY_GAN, "vae": TINY_VAE}
+
 
 def compose_cfg(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """Compose a config from ``configs/`` as the entry point would, with the run dir set to ``output_dir``."""
@@ -44,12 +60,13 @@ def compose_cfg(config_name: str, overrides: list[str], output_dir: Path | None 
 
 @pytest.fixture
 def train_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Factory for a small real ``train`` config writing into ``tmp_path``."""
+    """Factory for a small real ``train`` config writing into ``tmp_path``; ``model`` names a ``configs/model``
+    file and picks its tiny overrides."""
 
-    def make(*overrides: str, tiny: bool = True) -> DictConfig:
-        base = ["logger=csv", "print_config=false", "data.num_workers=0"]
+    def make(*overrides: str, tiny: bool = True, model: str = "ddpm") -> DictConfig:
+        base = [f"model={model}", "logger=csv", "print_config=false", "data.num_workers=0"]
         if tiny:
-            base += [*TINY_DDPM, "data.batch_size=8", "callbacks.sample_grid.num_samples=4",
+            base += [*TINY[model], "data.batch_size=8", "callbacks.sample_grid.num_samples=4",
                      "callbacks.sample_grid.every_n_steps=0", "~callbacks.rich_progress_bar",
                      "~callbacks.model_summary"]
         return compose_cfg("train", base + list(overrides), tmp_path)

@@ -1,4 +1,7 @@
-"""Fixed-noise sample grids during training: PNG under ``samples/`` and an image in W&B / TensorBoard."""
+"""Fixed-noise sample grids during training: PNG under ``samples/`` and an image in W&B / TensorBoard.
+
+Works for every generative module through the sampling contract of :mod:`atelier.sampling.interface`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
+
+from atelier.sampling.interface import accepted_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +34,17 @@ class SampleGrid(Callback):
     ``pl_module.sample(n, generator=...)`` with the same seed, save ``step_XXXXXXX.png`` under ``dirpath`` and
     log it to W&B (key ``samples``) and TensorBoard. Runs on rank zero only.
 
+    When the module has ``visualizations(generator, images)`` (GAN, VAE), its extra grids (latent
+    interpolations, reconstructions of a fixed batch of validation images) are saved beside it as
+    ``<name>_step_XXXXXXX.png`` and logged under their own key.
+
     Args:
         dirpath: folder for the PNG grids.
         every_n_steps: interval in optimiser steps (0 disables periodic grids).
         num_samples: images per grid.
         seed: seed of the fixed noise.
-        sample_kwargs: extra keyword arguments for ``sample`` (e.g. ``sampler``, ``num_inference_steps``).
+        sample_kwargs: extra keyword arguments for ``sample`` (e.g. ``sampler``, ``num_inference_steps``); the
+            ones the module's ``sample`` does not take are dropped with a warning.
         on_train_end: also draw a final grid (``final.png``).
     """
 
@@ -55,6 +65,7 @@ class SampleGrid(Callback):
         self.final = on_train_end
         self._last_step = -1
         self.paths: list[Path] = []
+        self._reference: torch.Tensor | None = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -66,20 +77,42 @@ class SampleGrid(Callback):
         if self.final and not trainer.sanity_checking:
             self.draw(trainer, pl_module, "final")
 
+    def reference_images(self, trainer: Trainer) -> torch.Tensor | None:
+        """The first ``num_samples`` (at most 16) validation images, fetched once; ``None`` without a datamodule."""
+        if self._reference is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None:
+                return None
+            loader = datamodule.val_dataloader() if getattr(datamodule, "val_set", True) is not None else None
+            if loader is None:
+                return None
+            batch = next(iter(loader))
+            images = batch[0] if isinstance(batch, list | tuple) else batch
+            self._reference = images[: min(16, self.num_samples)]
+        return self._reference
+
     @rank_zero_only
     def draw(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path:
-        if not hasattr(pl_module, "sample"):
-            raise TypeError(f"{type(pl_module).__name__} has no sample(n, generator) method for SampleGrid")
+        kwargs = accepted_kwargs(pl_module, self.sample_kwargs)
         generator = torch.Generator().manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, generator=generator, **self.sample_kwargs)
-        path = save_grid(images, self.dirpath / f"{name}.png")
+        images = pl_module.sample(self.num_samples, generator=generator, **kwargs)
+        path = self._save_and_log(trainer, images, name, "samples", None)
+        if callable(getattr(pl_module, "visualizations", None)):
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            extra = pl_module.visualizations(generator, self.reference_images(trainer))
+            for key, (grid_images, nrow) in extra.items():
+                self._save_and_log(trainer, grid_images, f"{key}_{name}", key, nrow)
+        return path
+
+    def _save_and_log(self, trainer: Trainer, images: torch.Tensor, name: str, key: str, nrow: int | None) -> Path:
+        path = save_grid(images, self.dirpath / f"{name}.png", nrow=nrow)
         self.paths.append(path)
         step = trainer.global_step
+        nrow = nrow or max(1, round(len(images) ** 0.5))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[str(path)], caption=[f"step {step}"], step=step)
+                logger.log_image(key=key, images=[str(path)], caption=[f"step {step}"], step=step)
             elif isinstance(logger, TensorBoardLogger):
-                grid = make_grid((images.cpu() + 1) / 2, nrow=max(1, round(len(images) ** 0.5)))
-                logger.experiment.add_image("samples", grid, global_step=step)
-        log.info("sample grid saved: %s", path)
+                logger.experiment.add_image(key, make_grid((images.cpu() + 1) / 2, nrow=nrow), global_step=step)
+        log.info("%s grid saved: %s", key, path)
         return path

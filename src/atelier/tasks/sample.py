@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CONFIG_KEY
 from atelier.callbacks.samples import save_grid
+from atelier.sampling.interface import accepted_kwargs
 from atelier.utils.config import write_json
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
 
 def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null)."""
-    accepted = inspect.signature(model.sample).parameters
-    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size")}
-    ignored = [k for k, v in options.items() if v is not None and k not in accepted]
-    if ignored:
-        log.warning("%s.sample does not take %s; ignored", type(model).__name__, ignored)
-    return {k: v for k, v in options.items() if v is not None and k in accepted}
+    return accepted_kwargs(model, {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size")})
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -44,7 +44,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
                   "data": OmegaConf.to_container(cfg.data, resolve=True)}
         callbacks.append(CheckpointExtras(stored))
         loggers: list[Logger] = instantiate_group(cfg.get("logger"))
-        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer_overrides: dict[str, Any] = {}
+        if not model.automatic_optimization and cfg.trainer.get("gradient_clip_val"):
+            # Lightning refuses automatic clipping with manual optimisation (GAN); the module owns its steps
+            log.warning("%s uses manual optimisation: trainer.gradient_clip_val=%s is ignored",
+                        type(model).__name__, cfg.trainer.gradient_clip_val)
+            trainer_overrides["gradient_clip_val"] = None
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                     **trainer_overrides)
 
         resolved = OmegaConf.to_container(cfg, resolve=True)
         for logger in trainer.loggers:
