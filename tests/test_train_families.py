@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from atelier.callbacks.samples import save_grid
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task
 from tests.conftest import TINY, compose_cfg
@@ -31,10 +32,24 @@ def test_fast_dev_run_each_model_data_pair(train_cfg, mnist_available, model: st
         assert (out / "samples" / "reconstruction_final.png").is_file()
 
 
-def test_conditional_gan_on_mnist_labels(train_cfg, mnist_available) -> None:
-    cfg = train_cfg("data.image_size=16", "debug=fdr", "model.generator.num_classes=10", model="gan")
+def test_conditional_gan_on_mnist_labels(train_cfg, tmp_path: Path, mnist_available) -> None:
+    cfg = train_cfg("data.image_size=16", *SHORT, "trainer.max_steps=4", "model.generator.num_classes=10",
+                    model="gan")
     train_task.run(cfg)
-    assert (Path(cfg.paths.output_dir) / "samples" / "final.png").is_file()
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    model = sample_task.load_module(ckpt)
+    assert model.num_classes == 10
+    assert model.discriminator.head.embed.num_embeddings == 10  # projection discriminator
+    # sample.py class_label=3 draws every image of class 3 from the same latents as model.sample(labels=3)
+    scfg = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=4", "class_label=3", "save_images=false"],
+                       tmp_path / "sample")
+    info = sample_task.run(scfg)
+    assert info["class_label"] == 3
+    expected = model.sample(4, generator=torch.Generator().manual_seed(0), labels=torch.full((4,), 3))
+    cycled = model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(expected, cycled)
+    save_grid(expected, tmp_path / "expected.png")
+    assert (tmp_path / "sample" / "grid.png").read_bytes() == (tmp_path / "expected.png").read_bytes()
 
 
 def _checkpoint(path: Path) -> dict:

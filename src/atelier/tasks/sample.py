@@ -48,8 +48,14 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
 
 
 def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
-    """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null)."""
-    return accepted_kwargs(model, {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size")})
+    """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null).
+
+    ``class_label`` becomes ``labels``: ``(num_samples,)`` int64 filled with that class.
+    """
+    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size")}
+    if cfg.get("class_label") is not None:
+        options["labels"] = torch.full((int(cfg.num_samples),), int(cfg.class_label), dtype=torch.long)
+    return accepted_kwargs(model, options)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -70,7 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for i, image in enumerate(images):
             save_grid(image[None], folder / f"{i:05d}.png", nrow=1)
     info = {"ckpt_path": str(cfg.ckpt_path), "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
-            "sample_kwargs": kwargs, "seconds": round(seconds, 3),
+            "sample_kwargs": {k: v for k, v in kwargs.items() if k != "labels"},
+            "class_label": cfg.get("class_label"), "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),
             "shape": list(images.shape)}
     write_json(info, output_dir / "sample_info.json")
