@@ -1,0 +1,73 @@
+"""Shared parts of the image-to-image modules (feed-forward style transfer, AdaIN, restoration).
+
+These models transform an input image rather than draw from noise, so they have no ``sample`` method: the
+sample-grid callback shows their ``visualizations`` of a fixed batch of validation images instead, and
+``stylize.py`` / ``restore.py`` apply a trained model to your own images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+def images_of(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch that is either ``images`` or ``(images, labels, ...)``."""
+    return batch[0] if isinstance(batch, list | tuple) else batch
+
+
+class ImageToImageModule(LightningModule):
+    """LightningModule base with the optimiser/LR-schedule plumbing shared by the image-to-image models.
+
+    Args:
+        optimizer: partial optimiser, called with :meth:`trainable_parameters`.
+        lr_scheduler: optional partial (``diffusers.optimization.get_scheduler``), stepped every step.
+    """
+
+    def __init__(self, optimizer: OptimizerFactory, lr_scheduler: SchedulerFactory | None = None) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    # ----------------------------------------------------------------- optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("an LR schedule needs a finite training length: set trainer.max_steps or max_epochs")
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def in_eval_mode(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run ``fn`` with the module in eval mode and without gradients, restoring the previous mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return fn()
+        finally:
+            self.train(was_training)
+
+
+def rows(*groups: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Stack image groups ``(N, C, H, W)`` (same N) as consecutive grid rows of ``per_row`` images each, in
+    chunks: rows ``g1[0:k], g2[0:k], …, g1[k:2k], g2[k:2k], …`` with ``k = per_row``; 1-channel groups are
+    repeated to 3 channels when any group has 3."""
+    channels = max(g.shape[1] for g in groups)
+    groups = tuple(g.float().cpu().expand(-1, channels, -1, -1) if g.shape[1] == 1 else g.float().cpu()
+                   for g in groups)
+    n = min(len(g) for g in groups) // per_row * per_row
+    chunks = [g[start:start + per_row] for start in range(0, n, per_row) for g in groups]
+    return torch.cat(chunks) if chunks else torch.cat([g[:0] for g in groups])

@@ -1,0 +1,1 @@
+"""Image restoration: synthetic degradations (noise, blur, downsampling, holes) for training and evaluation."""
