@@ -34,9 +34,10 @@ class SampleGrid(Callback):
     ``pl_module.sample(n, generator=...)`` with the same seed, save ``step_XXXXXXX.png`` under ``dirpath`` and
     log it to W&B (key ``samples``) and TensorBoard. Runs on rank zero only.
 
-    When the module has ``visualizations(generator, images)`` (GAN, VAE), its extra grids (latent
-    interpolations, reconstructions of a fixed batch of validation images) are saved beside it as
-    ``<name>_step_XXXXXXX.png`` and logged under their own key.
+    When the module has ``visualizations(generator, images)`` (GAN, VAE, the image-to-image models), its extra
+    grids (latent interpolations, reconstructions, restorations or stylisations of a fixed batch of validation
+    images) are saved beside it as ``<name>_step_XXXXXXX.png`` and logged under their own key. Image-to-image
+    modules (style transfer, restoration) have no ``sample``: they get only those grids.
 
     Args:
         dirpath: folder for the PNG grids.
@@ -92,17 +93,29 @@ class SampleGrid(Callback):
         return self._reference
 
     @rank_zero_only
-    def draw(self, trainer: Trainer, pl_module: LightningModule, name: str) -> Path:
-        kwargs = accepted_kwargs(pl_module, self.sample_kwargs)
-        generator = torch.Generator().manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, generator=generator, **kwargs)
-        path = self._save_and_log(trainer, images, name, "samples", None)
-        if callable(getattr(pl_module, "visualizations", None)):
+    def draw(self, trainer: Trainer, pl_module: LightningModule, name: str) -> list[Path]:
+        """Save (and log) the grids of this step; returns their paths.
+
+        Raises:
+            TypeError: when the module has neither ``sample`` nor ``visualizations``.
+        """
+        has_sample = callable(getattr(pl_module, "sample", None))
+        has_vis = callable(getattr(pl_module, "visualizations", None))
+        if not (has_sample or has_vis):
+            raise TypeError(f"{type(pl_module).__name__} has neither sample(n, generator) nor visualizations() "
+                            "for SampleGrid; remove callbacks.sample_grid for this model")
+        paths = []
+        if has_sample:
+            kwargs = accepted_kwargs(pl_module, self.sample_kwargs)
+            generator = torch.Generator().manual_seed(self.seed)
+            images = pl_module.sample(self.num_samples, generator=generator, **kwargs)
+            paths.append(self._save_and_log(trainer, images, name, "samples", None))
+        if has_vis:
             generator = torch.Generator().manual_seed(self.seed + 1)
             extra = pl_module.visualizations(generator, self.reference_images(trainer))
             for key, (grid_images, nrow) in extra.items():
-                self._save_and_log(trainer, grid_images, f"{key}_{name}", key, nrow)
-        return path
+                paths.append(self._save_and_log(trainer, grid_images, f"{key}_{name}", key, nrow))
+        return paths
 
     def _save_and_log(self, trainer: Trainer, images: torch.Tensor, name: str, key: str, nrow: int | None) -> Path:
         path = save_grid(images, self.dirpath / f"{name}.png", nrow=nrow)

@@ -65,6 +65,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_module(cfg.ckpt_path).to(device)
+    if not callable(getattr(model, "sample", None)):
+        raise TypeError(f"{type(model).__name__} is an image-to-image model, not a generator: apply it to images "
+                        "with stylize.py (style transfer) or restore.py (restoration)")
     kwargs = sample_kwargs(model, cfg)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     start = time.perf_counter()
