@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,12 @@ from lightning import LightningModule
 from torch import nn
 
 from atelier.models.ema import make_ema
+from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
 from atelier.sampling.schedulers import SAMPLERS, make_scheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 def _check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -152,14 +150,7 @@ class DDPM(LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("an LR schedule needs a finite training length: set trainer.max_steps or max_epochs")
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+        return optimizers_config(self.trainer, self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()

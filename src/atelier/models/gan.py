@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,9 +11,8 @@ from torch import nn
 from atelier.augment.diffaugment import diff_augment, parse_policy
 from atelier.losses.gan import check_loss, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from atelier.models.ema import make_ema
+from atelier.models.optim import OptimizerFactory
 from atelier.sampling.latents import interpolation_path
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class GAN(LightningModule):

@@ -7,16 +7,15 @@ sample-grid callback shows their ``visualizations`` of a fixed batch of validati
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning import LightningModule
 from torch import nn
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
+
 
 def images_of(batch: Any) -> torch.Tensor:
     """The image tensor of a batch that is either ``images`` or ``(images, labels, ...)``."""
@@ -41,14 +40,8 @@ class ImageToImageModule(LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("an LR schedule needs a finite training length: set trainer.max_steps or max_epochs")
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+        return optimizers_config(self.trainer, self.trainable_parameters(), self.optimizer_factory,
+                                 self.lr_scheduler_factory)
 
     def in_eval_mode(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run ``fn`` with the module in eval mode and without gradients, restoring the previous mode."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,10 +9,8 @@ from lightning import LightningModule
 from torch import nn
 
 from atelier.losses.vae import LIKELIHOODS, gaussian_kl, kl_weight, reconstruction_nll
+from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
 from atelier.sampling.latents import interpolation_path
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 class VAE(LightningModule):
@@ -109,14 +105,7 @@ class VAE(LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = list(self.encoder.parameters()) + list(self.decoder.parameters())
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("an LR schedule needs a finite training length: set trainer.max_steps or max_epochs")
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+        return optimizers_config(self.trainer, params, self.optimizer_factory, self.lr_scheduler_factory)
 
     # ----------------------------------------------------------------- sampling
     def _decode_batches(self, z: torch.Tensor, batch_size: int) -> torch.Tensor:
