@@ -1,0 +1,136 @@
+"""One evaluation under one protocol: cached reference statistics, batched sampling, batched feature extraction.
+
+Used by ``evaluate.py`` (:mod:`atelier.tasks.evaluate`), the in-training callback (:mod:`atelier.callbacks.fid`)
+and the scripts (``scripts/fid_vs_nfe.py``, ``scripts/compare.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from atelier.metrics.cache import ReferenceCache, ReferenceStats, dataset_identity, resolve_split
+from atelier.metrics.protocol import EvalProtocol
+from atelier.metrics.suite import METRICS, GenerativeMetrics, build_extractor, check_metrics
+from atelier.sampling.interface import accepted_kwargs
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """FID/KID/IS of a generative module's samples against a datamodule's reference split.
+
+    Args:
+        feature_extractor: an extractor module or its config (``{"name": "mnist_classifier", "ckpt_path": ...}``).
+        datamodule: the reference LightningDataModule (``setup`` is called when needed).
+        metrics: subset of ``("fid", "kid", "is")``.
+        num_samples: generated images per evaluation.
+        reference_split: ``train``, ``val``, ``test`` or ``None`` (test when present, else train).
+        reference_size: reference images (the first ones of the split); ``None``: the whole split.
+        cache_dir: folder of the reference-statistics cache (``None``: no disk cache).
+        kid_subset_size: see :class:`GenerativeMetrics` (``None`` adapts); kid_subsets, is_splits: as there.
+        batch_size: images per sampling call and per extractor call.
+        seed: seed of the sampling noise and of KID/IS subset draws.
+        device: where the extractor runs (the model stays where it is).
+    """
+
+    def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module, datamodule: Any,
+                 metrics: Sequence[str] = METRICS, num_samples: int = 1000, reference_split: str | None = None,
+                 reference_size: int | None = None, cache_dir: str | Path | None = None,
+                 kid_subset_size: int | None = None, kid_subsets: int = 100, is_splits: int = 10,
+                 batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self.metric_names = check_metrics(metrics)
+        if int(num_samples) < 2:
+            raise ValueError(f"num_samples={num_samples} is too small; FID/KID need at least 2 generated images")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        self.extractor = build_extractor(feature_extractor).to(device)
+        self.datamodule = datamodule
+        self.split, self.dataset = resolve_split(datamodule, reference_split)
+        n = len(self.dataset)
+        if reference_size is None:
+            reference_size = n
+        if not 2 <= int(reference_size) <= n:
+            raise ValueError(f"reference_size={reference_size} is not allowed: the {self.split} split has {n} "
+                             f"images; choose 2..{n} or null (all)")
+        self.num_samples, self.reference_size = int(num_samples), int(reference_size)
+        self.cache = ReferenceCache(cache_dir)
+        self.kid_subset_size, self.kid_subsets, self.is_splits = kid_subset_size, kid_subsets, is_splits
+        self.batch_size, self.seed, self.device = int(batch_size), int(seed), device
+        self.metrics = GenerativeMetrics(self.extractor, self.metric_names, kid_subsets, kid_subset_size,
+                                         is_splits).to(device)
+        self._reference: ReferenceStats | None = None
+        self.cache_hit: bool | None = None
+        num_features = int(self.extractor.num_features)
+        if self.num_samples <= num_features and "fid" in self.metric_names:
+            warnings.warn(f"num_samples={self.num_samples} ≤ feature dimension {num_features}: the generated "
+                          f"covariance is singular and FID is biased upwards; use more samples", stacklevel=2)
+
+    def protocol(self, sampling: Mapping[str, Any] | None = None) -> EvalProtocol:
+        """The protocol record of this evaluation (``sampling``: the options passed to ``sample``)."""
+        e = self.extractor
+        resize = getattr(e, "resize", None) or ("bilinear (torch-fidelity TF1-compatible)"
+                                                if e.name == "inception" and not e.antialias else "bilinear")
+        kid_size = None
+        if "kid" in self.metric_names:
+            kid_size = self.kid_subset_size or min(1000, self.num_samples, self.reference_size)
+        return EvalProtocol(
+            extractor=e.name, weights=e.weights, weights_sha256=e.weights_sha256, feature_layer=e.feature_layer,
+            num_features=int(e.num_features), input_size=int(e.input_size), resize=resize, antialias=e.antialias,
+            channels=e.channels, dataset=dataset_identity(self.datamodule), reference_split=self.split,
+            reference_size=self.reference_size, num_samples=self.num_samples, kid_subset_size=kid_size,
+            kid_subsets=self.kid_subsets, is_splits=self.is_splits, seed=self.seed,
+            sampling={k: v for k, v in (sampling or {}).items() if k != "labels"},
+        )
+
+    def reference(self) -> ReferenceStats:
+        """Reference statistics: from memory, else the disk cache, else computed (and cached)."""
+        if self._reference is None:
+            self._reference, self.cache_hit = self.cache.get(self.protocol(), self.extractor, self.dataset,
+                                                             self.batch_size, self.device)
+            self.metrics.set_reference(self._reference)
+        return self._reference
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, sample_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Draw ``num_samples`` images from ``model.sample`` (in batches) and measure them.
+
+        Returns:
+            ``{"metrics": {...}, "protocol": {...}, "timing": {...}, "reference_cache_hit": bool}``; timing has
+            ``sampling_seconds_per_image``, ``feature_images_per_sec`` and ``reference_seconds``.
+        """
+        kwargs = accepted_kwargs(model, dict(sample_kwargs or {}))
+        kwargs.pop("batch_size", None)
+        reference = self.reference()
+        self.metrics.reset()
+        generator = torch.Generator().manual_seed(self.seed)
+        sampling_seconds = 0.0
+        start_all = time.perf_counter()
+        for start in range(0, self.num_samples, self.batch_size):
+            b = min(self.batch_size, self.num_samples - start)
+            t0 = time.perf_counter()
+            images = model.sample(b, generator=generator, batch_size=b, **kwargs) if _takes_batch_size(model) \
+                else model.sample(b, generator=generator, **kwargs)
+            sampling_seconds += time.perf_counter() - t0
+            self.metrics.update(images.to(self.device))
+        values = self.metrics.compute(seed=self.seed)
+        shared = self.metrics.shared
+        timing = {
+            "sampling_seconds_per_image": round(sampling_seconds / self.num_samples, 5),
+            "feature_images_per_sec": round(shared.images / shared.seconds, 1) if shared.seconds else None,
+            "total_seconds": round(time.perf_counter() - start_all, 2),
+            "reference_seconds": round(reference.seconds, 2),
+        }
+        return {"metrics": values, "protocol": self.protocol(kwargs).to_dict(), "timing": timing,
+                "reference_cache_hit": self.cache_hit}
+
+
+def _takes_batch_size(model: Any) -> bool:
+    return "batch_size" in accepted_kwargs(model, {"batch_size": 1}, warn=False)

@@ -1,0 +1,133 @@
+"""The ``evaluate`` task: FID/KID/IS of any Atelier checkpoint's samples under a recorded protocol.
+
+``python evaluate.py ckpt_path=... metrics=[fid,kid,is] num_samples=10000 feature_extractor=mnist_classifier``
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from atelier.callbacks.checkpoint_extras import CONFIG_KEY
+from atelier.metrics.evaluator import Evaluator
+from atelier.tasks.sample import load_module
+from atelier.utils.config import instantiate_group, run_info, write_json
+
+log = logging.getLogger(__name__)
+
+#: the sub-network that draws samples, per family (parameters counted in tables)
+SAMPLING_NETS = ("net", "generator", "decoder")
+
+
+def reference_datamodule(ckpt_path: str | Path, data_dir: str | None = None) -> L.LightningDataModule:
+    """The datamodule a checkpoint was trained on (config stored in the checkpoint, else the run's
+    ``.hydra/config.yaml``), optionally with another ``data_dir``; ``setup()`` already called.
+
+    Raises:
+        KeyError: when neither the checkpoint nor its run directory holds a data config.
+    """
+    path = Path(ckpt_path).expanduser()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    stored = checkpoint.get(CONFIG_KEY, {}).get("data")
+    if stored is None:
+        run_cfg = path.resolve().parent.parent / ".hydra" / "config.yaml"
+        if not run_cfg.is_file():
+            raise KeyError(f"{path} holds no data config and {run_cfg} does not exist")
+        stored = OmegaConf.to_container(OmegaConf.load(run_cfg).data, resolve=True)
+    stored = dict(stored)
+    if data_dir:
+        stored["data_dir"] = str(data_dir)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(OmegaConf.create(stored))
+    datamodule.setup("fit")
+    return datamodule
+
+
+def sampling_params(model: torch.nn.Module) -> int:
+    """Parameters of the network that draws samples (DDPM ``net``, GAN ``generator``, VAE ``decoder``)."""
+    for name in SAMPLING_NETS:
+        net = getattr(model, name, None)
+        if isinstance(net, torch.nn.Module):
+            return sum(p.numel() for p in net.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``rows`` (floats with 4 significant digits, missing values as ``–``)."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def result_row(result: dict[str, Any]) -> dict[str, Any]:
+    """One flat table row from an :meth:`Evaluator.evaluate` result."""
+    m = result["metrics"]
+    row = {k: m.get(k) for k in ("fid", "kid", "kid_std", "is", "is_std", "class_coverage", "class_entropy")}
+    row["s/image"] = result["timing"]["sampling_seconds_per_image"]
+    row["features img/s"] = result["timing"]["feature_images_per_sec"]
+    return row
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path``; print a table, write ``metrics.json`` and log to the configured loggers."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = cfg.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_module(cfg.ckpt_path).to(device)
+    datamodule = reference_datamodule(cfg.ckpt_path, cfg.get("data_dir"))
+    extractor_cfg = OmegaConf.to_container(cfg.feature_extractor, resolve=True)
+    evaluator = Evaluator(
+        extractor_cfg, datamodule, list(cfg.metrics), int(cfg.num_samples), cfg.get("reference_split"),
+        cfg.get("reference_size"), cfg.get("cache_dir"), cfg.get("kid_subset_size"), int(cfg.kid_subsets),
+        int(cfg.is_splits), int(cfg.batch_size), int(cfg.seed), device,
+    )
+    sample_kwargs = {k: cfg.get(k) for k in ("sampler", "num_inference_steps")}
+    try:
+        result = evaluator.evaluate(model, sample_kwargs)
+        result.update(ckpt_path=str(cfg.ckpt_path), model=type(model).__name__, params=sampling_params(model),
+                      run_info=run_info(int(cfg.seed)))
+        row = {"model": result["model"], "params": result["params"], **result_row(result)}
+        columns = [c for c in row if row[c] is not None]
+        table = format_table([row], columns)
+        print(f"\n{table}\n\nprotocol:\n{evaluator.protocol(result['protocol']['sampling']).describe()}\n")
+        if "class_histogram" in result["metrics"]:
+            print(f"class histogram (predicted by the classifier): {result['metrics']['class_histogram']}")
+        write_json(result, output_dir / "metrics.json")
+        _log(cfg, result)
+        log.info("metrics written to %s", output_dir / "metrics.json")
+        return result
+    finally:
+        _finish_wandb()
+
+
+def _log(cfg: DictConfig, result: dict[str, Any]) -> None:
+    loggers = instantiate_group(cfg.get("logger"))
+    scalars = {f"eval/{k}": float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}
+    scalars.update({f"eval/{k}": float(v) for k, v in result["timing"].items() if isinstance(v, int | float)})
+    for logger in loggers:
+        logger.log_hyperparams({"protocol": result["protocol"], "ckpt_path": result["ckpt_path"]})
+        logger.log_metrics(scalars, step=0)
+        logger.save()
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()
