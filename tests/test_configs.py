@@ -8,8 +8,10 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONFIGS, compose_cfg
 
+# groups of train.yaml; feature_extractor belongs to evaluate.yaml and the FID callback
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONFIGS.iterdir()
-          if g.is_dir() and g.name not in {"local", "hydra", "paths"}}
+          if g.is_dir() and g.name not in {"local", "hydra", "paths", "feature_extractor"}}
+FEATURE_EXTRACTORS = sorted(p.stem for p in (CONFIGS / "feature_extractor").glob("*.yaml"))
 
 
 def test_groups_asked_for_by_the_foundation_exist() -> None:
@@ -27,6 +29,21 @@ def test_every_option_composes(group: str, option: str, tmp_path) -> None:
     cfg = compose_cfg("train", [f"{group}={option}"], tmp_path)
     assert cfg.data._target_ and cfg.model._target_ and cfg.trainer._target_
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("option", FEATURE_EXTRACTORS)
+def test_every_feature_extractor_composes(option: str, tmp_path) -> None:
+    cfg = compose_cfg("evaluate", ["ckpt_path=x.ckpt", f"feature_extractor={option}"], tmp_path)
+    assert cfg.feature_extractor.name == option
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+
+def test_fid_callback_group_composes_into_train(tmp_path) -> None:
+    cfg = compose_cfg("train", ["callbacks=[default,fid]"], tmp_path)
+    assert cfg.callbacks.fid._target_ == "atelier.callbacks.fid.FIDCallback"
+    assert cfg.callbacks.fid.feature_extractor.name == "mnist_classifier"
+    assert "sample_grid" in cfg.callbacks
 
 
 def test_train_config_keys(tmp_path) -> None:

@@ -33,10 +33,12 @@ def classifier_ckpt(tmp_path_factory: pytest.TempPathFactory, mnist_available: P
     return out / "checkpoints" / "last.ckpt"
 
 
-def eval_cfg(ckpt: Path, out: Path, clf: Path, *overrides: str) -> DictConfig:
-    return compose_cfg("evaluate", [f"ckpt_path={ckpt}", f"feature_extractor.ckpt_path={clf}", "num_samples=24",
-                                    "reference_size=64", "batch_size=10", "is_splits=2", "kid_subsets=5",
-                                    f"cache_dir={out / 'cache'}", "logger=[]", *overrides], out / "eval")
+def eval_cfg(ckpt: Path, out: Path, clf: Path | None, *overrides: str) -> DictConfig:
+    """An evaluate config for ``ckpt`` writing into ``out/eval``; ``clf``: the classifier (None for Inception)."""
+    extractor = [f"feature_extractor.ckpt_path={clf}"] if clf is not None else []
+    return compose_cfg("evaluate", [f"ckpt_path={ckpt}", *extractor, "num_samples=24", "reference_size=64",
+                                    "batch_size=10", "is_splits=2", "kid_subsets=5", f"cache_dir={out / 'cache'}",
+                                    "logger=[]", *overrides], out / "eval")
 
 
 @pytest.mark.parametrize("family", ["ddpm", "gan", "vae"])
@@ -108,10 +110,9 @@ def test_fid_callback_logs_val_fid_as_monitor_and_objective(train_cfg: Callable[
 
 
 @pytest.mark.slow
-def test_evaluate_with_inception_random_weights(train_cfg: Callable[..., DictConfig], tmp_path: Path,
-                                                classifier_ckpt: Path) -> None:
+def test_evaluate_with_inception_random_weights(train_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
     train.run(train_cfg(*TINY_RUN, model="vae"))
-    cfg = eval_cfg(tmp_path / "checkpoints" / "last.ckpt", tmp_path, classifier_ckpt, "feature_extractor=inception",
+    cfg = eval_cfg(tmp_path / "checkpoints" / "last.ckpt", tmp_path, None, "feature_extractor=inception",
                    "feature_extractor.random_weights=true", "num_samples=4", "reference_size=4", "batch_size=4")
     result = evaluate.run(cfg)
     p = result["protocol"]
