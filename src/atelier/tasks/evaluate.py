@@ -14,10 +14,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from atelier.callbacks.checkpoint_extras import CONFIG_KEY
 from atelier.metrics.evaluator import Evaluator
-from atelier.tasks.sample import load_module
+from atelier.tasks.sample import load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
+from atelier.utils.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,7 @@ def reference_datamodule(ckpt_path: str | Path, data_dir: str | None = None) -> 
     """
     path = Path(ckpt_path).expanduser()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    stored = checkpoint.get(CONFIG_KEY, {}).get("data")
-    if stored is None:
-        run_cfg = path.resolve().parent.parent / ".hydra" / "config.yaml"
-        if not run_cfg.is_file():
-            raise KeyError(f"{path} holds no data config and {run_cfg} does not exist")
-        stored = OmegaConf.to_container(OmegaConf.load(run_cfg).data, resolve=True)
-    stored = dict(stored)
+    stored = stored_config(checkpoint, path, "data")
     if data_dir:
         stored["data_dir"] = str(data_dir)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(OmegaConf.create(stored))
@@ -111,7 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics written to %s", output_dir / "metrics.json")
         return result
     finally:
-        _finish_wandb()
+        finish_wandb()
 
 
 def _log(cfg: DictConfig, result: dict[str, Any]) -> None:
@@ -123,11 +117,3 @@ def _log(cfg: DictConfig, result: dict[str, Any]) -> None:
         logger.log_metrics(scalars, step=0)
         logger.save()
 
-
-def _finish_wandb() -> None:
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
-        wandb.finish()

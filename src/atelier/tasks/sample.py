@@ -20,12 +20,26 @@ from atelier.utils.config import write_json
 log = logging.getLogger(__name__)
 
 
+def stored_config(checkpoint: dict[str, Any], path: Path, section: str) -> dict[str, Any]:
+    """The ``section`` (``model`` or ``data``) config that training stored in ``checkpoint``; for older
+    checkpoints, the one in ``.hydra/config.yaml`` of the run directory that holds ``checkpoints/``.
+
+    Raises:
+        KeyError: when neither the checkpoint nor its run directory holds that config.
+    """
+    stored = checkpoint.get(CONFIG_KEY, {}).get(section)
+    if stored is None:
+        run_cfg = path.resolve().parent.parent / ".hydra" / "config.yaml"
+        if not run_cfg.is_file():
+            raise KeyError(f"{path} holds no {section} config and {run_cfg} does not exist")
+        stored = OmegaConf.to_container(OmegaConf.load(run_cfg)[section], resolve=True)
+    return dict(stored)
+
+
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
     """Rebuild the LightningModule stored in an Atelier checkpoint and load its weights (EMA included).
 
-    The model config is read from the checkpoint itself (saved there by training); for older checkpoints,
-    from ``.hydra/config.yaml`` of the run directory that holds ``checkpoints/``. Loads with
-    ``weights_only=True``.
+    The model config comes from :func:`stored_config`. Loads with ``weights_only=True``.
 
     Raises:
         FileNotFoundError: when the checkpoint does not exist (naming the path).
@@ -35,12 +49,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist")
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    stored = checkpoint.get(CONFIG_KEY, {}).get("model")
-    if stored is None:
-        run_cfg = path.resolve().parent.parent / ".hydra" / "config.yaml"
-        if not run_cfg.is_file():
-            raise KeyError(f"{path} holds no model config and {run_cfg} does not exist")
-        stored = OmegaConf.to_container(OmegaConf.load(run_cfg).model, resolve=True)
+    stored = stored_config(checkpoint, path, "model")
     model: L.LightningModule = hydra.utils.instantiate(OmegaConf.create(stored))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()

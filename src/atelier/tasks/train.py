@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CheckpointExtras
 from atelier.utils.config import instantiate_group, print_config_tree, run_info, write_json
+from atelier.utils.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("Output directory: %s", output_dir)
         return metrics
     finally:
-        _finish_wandb()
-
-
-def _finish_wandb() -> None:
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
-        wandb.finish()
+        finish_wandb()
 
 
 def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:

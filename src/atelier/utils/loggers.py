@@ -45,3 +45,13 @@ def wandb_logger(save_dir: str, project: str = "atelier", **kwargs: Any) -> Wand
     if mode == "offline":
         log.info("W&B runs offline (no credentials). To upload later: wandb sync %s/wandb/offline-run-*", save_dir)
     return logger
+
+
+def finish_wandb() -> None:
+    """Close the active W&B run, if any (so each task, and each multirun job, gets its own run)."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.utils.config import instantiate_group
+from atelier.utils.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,5 @@ def log_task_results(cfg: DictConfig, images: Mapping[str, str | Path], metrics:
             logger.save()
             logger.finalize("success")
     finally:
-        _finish_wandb()
+        finish_wandb()
 
-
-def _finish_wandb() -> Any:
-    try:
-        import wandb
-    except ImportError:
-        return None
-    if wandb.run is not None:
-        wandb.finish()
-    return None
