@@ -111,11 +111,7 @@ class AdaINStyle(ImageToImageModule):
             self.setup("fit")
         n = len(content)
         style = self.styles.sample(n) if stage == "train" else self.styles.fixed(n)
-        terms = self.losses(content, style.to(self.device, content.dtype))
-        sync = stage != "train"
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=n, sync_dist=sync)
-        self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=n, sync_dist=sync)
-        return terms["loss"]
+        return self.log_terms(self.losses(content, style.to(self.device, content.dtype)), stage, n)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

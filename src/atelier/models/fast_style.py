@@ -123,11 +123,7 @@ class FastStyle(ImageToImageModule):
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         x = images_of(batch)
-        terms = self.losses(x)
-        sync = stage != "train"
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=len(x), sync_dist=sync)
-        self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=len(x), sync_dist=sync)
-        return terms["loss"]
+        return self.log_terms(self.losses(x), stage, len(x))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -43,6 +43,15 @@ class ImageToImageModule(LightningModule):
         return optimizers_config(self.trainer, self.trainable_parameters(), self.optimizer_factory,
                                  self.lr_scheduler_factory)
 
+    def log_terms(self, terms: dict[str, torch.Tensor], stage: str, batch_size: int) -> torch.Tensor:
+        """Log every loss term as ``<stage>/<name>`` (``<stage>/loss`` on the progress bar; synced across ranks
+        outside training) and return ``terms["loss"]``."""
+        sync = stage != "train"
+        self.log_dict({f"{stage}/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size,
+                      sync_dist=sync)
+        self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        return terms["loss"]
+
     def in_eval_mode(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run ``fn`` with the module in eval mode and without gradients, restoring the previous mode."""
         was_training = self.training
