@@ -12,7 +12,7 @@ $(BIN)/atelier-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,sd,sweep,cluster]"
 	touch $@
 
 install: $(BIN)/atelier-installed
