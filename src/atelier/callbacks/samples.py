@@ -6,6 +6,7 @@ Works for every generative module through the sampling contract of :mod:`atelier
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,18 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     return path
 
 
+def class_rows(model: Any, n: int) -> int | None:
+    """Images per grid row that put one class per row for a conditional ``model`` (``None`` if unconditional)."""
+    classes = getattr(model, "num_classes", None)
+    return math.ceil(n / classes) if isinstance(classes, int) and classes > 0 else None
+
+
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimiser steps and at the end of training, draw ``num_samples`` images from
     ``pl_module.sample(n, generator=...)`` with the same seed, save ``step_XXXXXXX.png`` under ``dirpath`` and
-    log it to W&B (key ``samples``) and TensorBoard. Runs on rank zero only.
+    log it to W&B (key ``samples``) and TensorBoard. Runs on rank zero only. For class-conditional modules
+    (an integer ``num_classes`` attribute) the grid has ``ceil(num_samples / num_classes)`` images per row, and
+    the modules' default labels put one class on each row.
 
     When the module has ``visualizations(generator, images)`` (GAN, VAE, the image-to-image models), its extra
     grids (latent interpolations, reconstructions, restorations or stylisations of a fixed batch of validation
@@ -109,7 +118,7 @@ class SampleGrid(Callback):
             kwargs = accepted_kwargs(pl_module, self.sample_kwargs)
             generator = torch.Generator().manual_seed(self.seed)
             images = pl_module.sample(self.num_samples, generator=generator, **kwargs)
-            paths.append(self._save_and_log(trainer, images, name, "samples", None))
+            paths.append(self._save_and_log(trainer, images, name, "samples", class_rows(pl_module, len(images))))
         if has_vis:
             generator = torch.Generator().manual_seed(self.seed + 1)
             extra = pl_module.visualizations(generator, self.reference_images(trainer))

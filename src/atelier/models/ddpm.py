@@ -15,11 +15,11 @@ from torch import nn
 
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
+from atelier.sampling.guidance import drop_labels, guided_prediction, rows_per_class
 from atelier.sampling.schedulers import SAMPLERS, make_scheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
 
 
 def _check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -48,11 +48,13 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
 
 
 class DDPM(LightningModule):
-    """DDPM training (simple loss, Ho et al. 2020 Eq. 14) with EMA weights and diffusers samplers.
+    """DDPM training (simple loss, Ho et al. 2020 Eq. 14) with EMA weights and diffusers samplers; optionally
+    class-conditional with classifier-free guidance (Ho & Salimans 2022).
 
     Args:
         net: noise-prediction network, called as ``net(x_t, t).sample`` with ``x_t`` ``(B, C, H, W)`` float in
-            about ``[-1, 1]`` and ``t`` ``(B,)`` int64; typically a diffusers ``UNet2DModel``.
+            about ``[-1, 1]`` and ``t`` ``(B,)`` int64 (plus ``class_labels=`` ``(B,)`` int64 when conditional);
+            typically a diffusers ``UNet2DModel`` from :func:`atelier.nets.unet.build_unet`.
         optimizer: partial optimiser, called with the network's parameters (e.g. ``AdamW`` with ``lr``).
         lr_scheduler: optional partial, called as ``lr_scheduler(optimizer=..., num_training_steps=...)``, e.g.
             ``diffusers.optimization.get_scheduler`` with ``name`` and ``num_warmup_steps``; stepped per step.
@@ -65,9 +67,16 @@ class DDPM(LightningModule):
         ema_warmup: whether to warm the EMA decay up.
         sampler: default sampler name for :meth:`sample` (``ddpm``, ``ddim``, ``dpmpp``).
         num_inference_steps: default number of sampler steps (NFE for ddpm/ddim).
+        num_classes: classes of a class-conditional model (``None``: unconditional). The network must embed
+            ``num_classes + 1`` labels, the last being the null class; batches must be ``(images, labels)``.
+        cond_drop_prob: probability of replacing a training label by the null class, which trains the
+            unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022 use 0.1–0.2).
+        guidance_scale: default guidance scale ``w`` for :meth:`sample` (1: plain conditional).
 
     Raises:
-        ValueError: for a ``beta_schedule``, ``prediction_type`` or ``sampler`` outside the allowed values.
+        ValueError: for a ``beta_schedule``, ``prediction_type`` or ``sampler`` outside the allowed values, a
+            ``cond_drop_prob`` outside ``[0, 1)``, or a network whose class embedding does not match
+            ``num_classes``.
     """
 
     def __init__(
@@ -83,6 +92,9 @@ class DDPM(LightningModule):
         ema_warmup: bool = True,
         sampler: str = "ddim",
         num_inference_steps: int = 50,
+        num_classes: int | None = None,
+        cond_drop_prob: float = 0.1,
+        guidance_scale: float = 1.0,
     ) -> None:
         super().__init__()
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
@@ -90,6 +102,14 @@ class DDPM(LightningModule):
         _check_choice("sampler", sampler, SAMPLERS)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"model.min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
+        if not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1)")
+        embeds = getattr(getattr(net, "config", None), "num_class_embeds", None)
+        expected = None if num_classes is None else int(num_classes) + 1
+        if embeds != expected:
+            raise ValueError(
+                f"model.num_classes={num_classes} needs a network with num_class_embeds={expected} (the classes plus "
+                f"the null class), but model.net has {embeds}; set model.net.num_classes=${{model.num_classes}}")
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"], logger=False)
         self.net = net
         self.ema = make_ema(net, ema_decay, ema_warmup)
@@ -110,15 +130,38 @@ class DDPM(LightningModule):
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of a conditional model (the null class is index ``num_classes``), else ``None``."""
+        return self.hparams.get("num_classes")
+
+    def predict(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's prediction ``(B, C, H, W)`` at ``(x, t)``, conditioned on ``labels`` ``(B,)`` if given."""
+        if labels is None:
+            return net(x, t).sample
+        return net(x, t, class_labels=labels).sample
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if self.num_classes is not None and data_classes is not None and int(data_classes) != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the datamodule has {data_classes} classes; "
+                             f"set model.num_classes={data_classes}")
+
     # ----------------------------------------------------------------- training
-    def diffusion_loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-batch diffusion loss for clean images ``x0`` ``(B, C, H, W)`` in ``[-1, 1]``; returns a scalar."""
+    def diffusion_loss(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                       labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-batch diffusion loss for clean images ``x0`` ``(B, C, H, W)`` in ``[-1, 1]``; returns a scalar.
+
+        ``labels`` ``(B,)`` int64 (conditional models; already label-dropped) condition the prediction.
+        """
         b = x0.shape[0]
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.hparams.num_train_timesteps, (b,), device="cpu", generator=generator)
         t = t.to(x0.device)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        pred = self.net(x_t, t).sample
+        pred = self.predict(self.net, x_t, t, labels)
         kind = self.hparams.prediction_type
         if kind == "epsilon":
             target = noise
@@ -131,9 +174,23 @@ class DDPM(LightningModule):
             per_sample = per_sample * min_snr_weight(self.snr[t], self.hparams.min_snr_gamma, kind)
         return per_sample.mean()
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def _batch(self, batch: Any, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images and, for conditional models, labels with classifier-free dropout applied."""
         x0 = _images(batch)
-        loss = self.diffusion_loss(x0)
+        if self.num_classes is None:
+            return x0, None
+        if not isinstance(batch, list | tuple) or len(batch) < 2:
+            raise ValueError("a class-conditional DDPM (model.num_classes set) needs (images, labels) batches")
+        labels = batch[1].long()
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); "
+                             f"got {int(labels.min())}..{int(labels.max())}")
+        return x0, drop_labels(labels, self.num_classes, self.hparams.cond_drop_prob, generator)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x0, labels = self._batch(batch)
+        loss = self.diffusion_loss(x0, labels=labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
@@ -143,9 +200,9 @@ class DDPM(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         # Fixed noise and timesteps per batch, so val/loss is comparable between evaluations.
-        x0 = _images(batch)
         generator = torch.Generator().manual_seed(batch_idx)
-        loss = self.diffusion_loss(x0, generator=generator)
+        x0, labels = self._batch(batch, generator)
+        loss = self.diffusion_loss(x0, generator, labels)
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         return loss
 
@@ -163,8 +220,10 @@ class DDPM(LightningModule):
         eta: float = 0.0,
         batch_size: int = 256,
         use_ema: bool = True,
+        labels: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Draw ``n`` images by reverse diffusion.
+        """Draw ``n`` images by reverse diffusion, with classifier-free guidance for conditional models.
 
         Args:
             n: number of images.
@@ -174,14 +233,21 @@ class DDPM(LightningModule):
             eta: DDIM stochasticity (0 = deterministic); ignored by other samplers.
             batch_size: images per network call.
             use_ema: sample with the EMA weights (default) or the raw training weights.
+            labels: ``(n,)`` int64 classes of a conditional model; default: ``ceil(n / num_classes)`` consecutive
+                images per class (:func:`atelier.sampling.guidance.rows_per_class`).
+            guidance_scale: classifier-free guidance scale ``w`` (0: unconditional, 1: conditional); defaults to
+                ``hparams.guidance_scale``. With ``w ∉ {0, 1}`` each step evaluates the network on ``2B`` images.
 
         Returns:
             ``(n, C, H, W)`` float32 tensor in ``[-1, 1]`` on this module's device.
 
         Raises:
-            ValueError: for an unknown sampler (the message lists the allowed names).
+            ValueError: for an unknown sampler (the message lists the allowed names), ``labels`` or a guidance
+                scale other than 1 for an unconditional model, or labels of the wrong length or range.
         """
         sampler = sampler or self.hparams.sampler
+        w = float(self.hparams.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+        labels = self._sampling_labels(n, labels, w)
         steps = num_inference_steps or self.hparams.num_inference_steps
         scheduler = make_scheduler(sampler, self.noise_scheduler.config)
         net = self.ema.module if use_ema else self.net
@@ -195,19 +261,41 @@ class DDPM(LightningModule):
                 x = randn_tensor((b, *self.image_shape), generator=generator, device=self.device)
                 x = x * scheduler.init_noise_sigma
                 extra = {"eta": eta} if sampler == "ddim" else {}
+                y = None if labels is None else labels[start:start + b]
                 for t in scheduler.timesteps:
                     model_in = scheduler.scale_model_input(x, t)
-                    eps = net(model_in, t.expand(b)).sample
-                    x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+                    if y is None:
+                        pred = self.predict(net, model_in, t.expand(b))
+                    else:
+                        pred = guided_prediction(lambda x_, t_, y_: self.predict(net, x_, t_, y_),
+                                                 model_in, t.expand(b), y, self.num_classes, w)
+                    x = scheduler.step(pred, t, x, generator=generator, **extra).prev_sample
                 out.append(x.clamp(-1, 1).float())
         finally:
             net.train(was_training)
         return torch.cat(out)
 
+    def _sampling_labels(self, n: int, labels: torch.Tensor | None, guidance_scale: float) -> torch.Tensor | None:
+        if self.num_classes is None:
+            if labels is not None or guidance_scale != 1.0:
+                raise ValueError("labels / guidance_scale need a class-conditional DDPM (model.num_classes set); "
+                                 "this model is unconditional")
+            return None
+        if labels is None:
+            labels = rows_per_class(n, self.num_classes)
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten().to(self.device)
+        if labels.numel() != n:
+            raise ValueError(f"got {labels.numel()} labels for {n} samples")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}); got {labels.unique().tolist()}")
+        return labels
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Save the EMA network and the noise schedule as a diffusers ``DDPMPipeline`` directory.
 
-        ``DDPMPipeline.from_pretrained(path)`` loads it. Raises ``TypeError`` if the network is no ``UNet2DModel``.
+        ``DDPMPipeline.from_pretrained(path)`` loads it. For a conditional model the UNet keeps its class
+        embedding (``class_labels`` must then be passed to the UNet; ``DDPMPipeline.__call__`` does not).
+        Raises ``TypeError`` if the network is no ``UNet2DModel``.
         """
         if not isinstance(self.ema.module, UNet2DModel):
             raise TypeError(f"save_pretrained needs a diffusers UNet2DModel, got {type(self.ema.module).__name__}")

@@ -12,6 +12,7 @@ from atelier.augment.diffaugment import diff_augment, parse_policy
 from atelier.losses.gan import check_loss, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory
+from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.latents import interpolation_path
 
 
@@ -176,7 +177,7 @@ class GAN(LightningModule):
         if self.num_classes is None:
             return None
         if labels is None:
-            labels = torch.arange(n) % self.num_classes
+            labels = rows_per_class(n, self.num_classes)
         return torch.as_tensor(labels, dtype=torch.long).to(self.device)
 
     @torch.no_grad()
@@ -187,8 +188,8 @@ class GAN(LightningModule):
         Args:
             n: number of images.
             generator: CPU ``torch.Generator`` for the latents.
-            labels: ``(n,)`` int64 classes for a conditional GAN; default ``arange(n) % num_classes`` (each
-                grid row cycles through the classes). Ignored when unconditional.
+            labels: ``(n,)`` int64 classes for a conditional GAN; default ``ceil(n / num_classes)`` consecutive
+                images per class (one grid row per class). Ignored when unconditional.
             batch_size: images per generator call.
             use_ema: use the EMA generator (default) or the raw one; both in eval mode (BatchNorm running stats).
 

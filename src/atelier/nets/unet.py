@@ -17,7 +17,7 @@ def build_unet(
     attention_head_dim: int = 32,
     dropout: float = 0.0,
     norm_num_groups: int = 32,
-    num_class_embeds: int | None = None,
+    num_classes: int | None = None,
 ) -> UNet2DModel:
     """Build a diffusers ``UNet2DModel`` for ``(B, in_channels, image_size, image_size)`` inputs.
 
@@ -35,16 +35,21 @@ def build_unet(
         attention_head_dim: channels per attention head.
         dropout: dropout in the ResNet blocks.
         norm_num_groups: GroupNorm groups; must divide every entry of ``block_out_channels``.
-        num_class_embeds: number of classes for a class embedding (``None``: unconditional).
+        num_classes: classes of a class-conditional model (``None``: unconditional). The class embedding gets
+            ``num_classes + 1`` rows; the last, index ``num_classes``, is the null class of classifier-free
+            guidance (Ho & Salimans 2022).
 
     Returns:
-        A ``UNet2DModel`` whose forward takes ``(x, t)`` with ``x`` of shape ``(B, C, H, W)`` and ``t`` of shape
+        A ``UNet2DModel`` whose forward takes ``(x, t)`` (plus ``class_labels`` ``(B,)`` int64 when conditional)
+        with ``x`` of shape ``(B, C, H, W)`` and ``t`` of shape
         ``(B,)`` (int64 timesteps) and returns ``.sample`` of shape ``(B, out_channels, H, W)``.
 
     Raises:
         ValueError: when the image size does not divide, or a channel count is not a multiple of
             ``norm_num_groups``, naming the offending argument.
     """
+    if num_classes is not None and int(num_classes) < 1:
+        raise ValueError(f"num_classes={num_classes} must be a positive number of classes or null")
     levels = len(block_out_channels)
     if levels < 1:
         raise ValueError("block_out_channels must name at least one level")
@@ -76,5 +81,5 @@ def build_unet(
         attention_head_dim=attention_head_dim,
         dropout=dropout,
         norm_num_groups=norm_num_groups,
-        num_class_embeds=num_class_embeds,
+        num_class_embeds=None if num_classes is None else int(num_classes) + 1,
     )

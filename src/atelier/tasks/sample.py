@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CONFIG_KEY
-from atelier.callbacks.samples import save_grid
+from atelier.callbacks.samples import class_rows, save_grid
+from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.interface import accepted_kwargs
 from atelier.utils.config import write_json
 
@@ -56,15 +58,48 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     return model
 
 
+def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
+    """``(num_samples,)`` int64 labels from ``class_labels`` (a list: ``ceil(num_samples / len)`` consecutive
+    images per listed class, one grid row each) or ``class_label`` (one class for every image); ``None`` if
+    neither is set.
+
+    Raises:
+        ValueError: when both are set, or ``class_labels`` is empty.
+    """
+    many, one = cfg.get("class_labels"), cfg.get("class_label")
+    if many is not None and one is not None:
+        raise ValueError("set class_labels=[...] or class_label=k, not both")
+    if one is not None:
+        many = [one]
+    if many is None:
+        return None
+    classes = torch.as_tensor([int(c) for c in many], dtype=torch.long)
+    if classes.numel() == 0:
+        raise ValueError("class_labels=[] is empty; list at least one class or leave it null")
+    return classes[rows_per_class(int(cfg.num_samples), classes.numel())]
+
+
 def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null).
 
-    ``class_label`` becomes ``labels``: ``(num_samples,)`` int64 filled with that class.
+    ``class_labels`` / ``class_label`` become ``labels`` (:func:`requested_labels`); ``guidance_scale`` is
+    passed to models that take it (class-conditional DDPMs).
     """
-    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size")}
-    if cfg.get("class_label") is not None:
-        options["labels"] = torch.full((int(cfg.num_samples),), int(cfg.class_label), dtype=torch.long)
+    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale")}
+    options["labels"] = requested_labels(cfg)
     return accepted_kwargs(model, options)
+
+
+def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int) -> int | None:
+    """``cfg.nrow`` if set; else one class per row for conditional models (listed or all classes); else ``None``."""
+    if cfg.get("nrow"):
+        return int(cfg.nrow)
+    many = cfg.get("class_labels")
+    if many:
+        return math.ceil(n / len(many))
+    if cfg.get("class_label") is not None:
+        return None
+    return class_rows(model, n)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -82,14 +117,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     images = model.sample(int(cfg.num_samples), generator=generator, **kwargs)
     seconds = time.perf_counter() - start
-    grid = save_grid(images, output_dir / "grid.png", nrow=cfg.get("nrow"))
+    grid = save_grid(images, output_dir / "grid.png", nrow=grid_nrow(model, cfg, len(images)))
     if cfg.get("save_images", True):
         folder = output_dir / "images"
         for i, image in enumerate(images):
             save_grid(image[None], folder / f"{i:05d}.png", nrow=1)
     info = {"ckpt_path": str(cfg.ckpt_path), "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
             "sample_kwargs": {k: v for k, v in kwargs.items() if k != "labels"},
-            "class_label": cfg.get("class_label"), "seconds": round(seconds, 3),
+            "class_label": cfg.get("class_label"),
+            "labels": kwargs["labels"].tolist() if "labels" in kwargs else None, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),
             "shape": list(images.shape)}
     write_json(info, output_dir / "sample_info.json")
