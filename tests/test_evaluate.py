@@ -6,15 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 
 from atelier.tasks import evaluate, train
-from tests.conftest import compose_cfg
+from tests.conftest import ROOT, compose_cfg
 
 TINY_RUN = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "export_pipeline=false"]
 CLASSIFIER = ["model=classifier", "data.image_size=32", "data.batch_size=16", "logger=csv", "print_config=false",
@@ -119,3 +122,25 @@ def test_evaluate_with_inception_random_weights(train_cfg: Callable[..., DictCon
     assert p["extractor"] == "inception" and p["input_size"] == 299 and p["num_features"] == 2048
     assert "TF1" in p["resize"] and p["antialias"] is False
     assert "class_histogram" not in result["metrics"] and math.isfinite(result["metrics"]["fid"])
+
+
+def test_guidance_sweep_script_writes_table_csv_and_plot(train_cfg: Callable[..., DictConfig], tmp_path: Path,
+                                                         classifier_ckpt: Path) -> None:
+    train.run(train_cfg(*TINY_RUN, "model.num_classes=10", "callbacks.sample_grid=null"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "scripts" / "guidance_sweep.py"), str(ckpt), "--scales", "0,2",
+           "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",
+           "--metrics", "fid", "--classifier-ckpt", str(classifier_ckpt), "--cache-dir", str(tmp_path / "cache"),
+           "--baseline", str(ckpt), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((out / "guidance_sweep.csv").read_text().splitlines()))
+    assert [r["guidance_scale"] for r in rows] == ["0.0", "2.0", ""]
+    assert all(0.0 <= float(r["cond_accuracy"]) <= 1.0 for r in rows[:2]) and rows[2]["cond_accuracy"] == ""
+    assert all(math.isfinite(float(r["fid"])) for r in rows)
+    # the baseline row (the same checkpoint at its default guidance_scale=1, default labels) is its own sample set
+    assert Image.open(out / "guidance_sweep.png").size[0] > 300
+    record = json.loads((out / "guidance_sweep.json").read_text())
+    assert record["protocol"]["num_samples"] == 20 and record["protocol"]["extractor"] == "mnist_classifier"
+    assert "| conditional | 2 |" in done.stdout and "| unconditional baseline | – |" in done.stdout

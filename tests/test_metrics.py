@@ -189,6 +189,23 @@ def test_one_extractor_pass_per_batch_for_all_metrics(classifier: MNISTClassifie
     assert sum(values["class_histogram"]) == 30
 
 
+def test_conditional_accuracy_counts_the_requested_class(classifier: MNISTClassifierFeatures,
+                                                          mnist: dict[str, torch.Tensor]) -> None:
+    images, labels = mnist["test_x"][:400], mnist["test_y"][:400]
+    right = GenerativeMetrics(classifier, ["fid"])
+    right.set_reference(ReferenceStats.from_features(classifier(mnist["train_x"][:500])["features"], {}))
+    for x, y in zip(images.split(150), labels.split(150), strict=True):
+        right.update(x, labels=y)
+    accuracy = right.compute()["cond_accuracy"]
+    assert accuracy > 0.85  # the classifier's own accuracy on real digits
+    right.reset()
+    right.update(images, labels=(labels + 1) % 10)  # asked for the wrong class
+    assert right.compute()["cond_accuracy"] < 0.1
+    right.reset()
+    right.update(images)  # no labels: no conditional accuracy
+    assert "cond_accuracy" not in right.compute()
+
+
 def test_class_statistics_by_hand() -> None:
     stats = class_statistics(torch.tensor([5, 5, 0, 0]))
     assert stats["class_coverage"] == 0.5

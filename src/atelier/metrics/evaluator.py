@@ -102,12 +102,21 @@ class Evaluator:
     def evaluate(self, model: Any, sample_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Draw ``num_samples`` images from ``model.sample`` (in batches) and measure them.
 
+        ``sample_kwargs`` may hold ``labels`` ``(num_samples,)`` int64 for a class-conditional model: each batch
+        gets its slice, and with a domain classifier the result has ``cond_accuracy``, the fraction of samples
+        the classifier assigns to the class asked for.
+
         Returns:
             ``{"metrics": {...}, "protocol": {...}, "timing": {...}, "reference_cache_hit": bool}``; timing has
             ``sampling_seconds_per_image``, ``feature_images_per_sec`` and ``reference_seconds``.
         """
         kwargs = accepted_kwargs(model, dict(sample_kwargs or {}))
         kwargs.pop("batch_size", None)
+        labels = kwargs.pop("labels", None)
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+            if labels.numel() != self.num_samples:
+                raise ValueError(f"got {labels.numel()} labels for num_samples={self.num_samples}")
         reference = self.reference()
         self.metrics.reset()
         generator = torch.Generator().manual_seed(self.seed)
@@ -115,11 +124,16 @@ class Evaluator:
         start_all = time.perf_counter()
         for start in range(0, self.num_samples, self.batch_size):
             b = min(self.batch_size, self.num_samples - start)
+            batch_kwargs = dict(kwargs)
+            batch_labels = None if labels is None else labels[start:start + b]
+            if batch_labels is not None:
+                batch_kwargs["labels"] = batch_labels
+            if _takes_batch_size(model):
+                batch_kwargs["batch_size"] = b
             t0 = time.perf_counter()
-            images = model.sample(b, generator=generator, batch_size=b, **kwargs) if _takes_batch_size(model) \
-                else model.sample(b, generator=generator, **kwargs)
+            images = model.sample(b, generator=generator, **batch_kwargs)
             sampling_seconds += time.perf_counter() - t0
-            self.metrics.update(images.to(self.device))
+            self.metrics.update(images.to(self.device), labels=batch_labels)
         values = self.metrics.compute(seed=self.seed)
         shared = self.metrics.shared
         timing = {

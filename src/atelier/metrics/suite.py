@@ -139,6 +139,7 @@ class GenerativeMetrics(nn.Module):
         self.register_buffer("class_counts", torch.zeros(self.num_classes, dtype=torch.long), persistent=False)
         self.num_real = 0
         self.num_fake = 0
+        self.num_correct = self.num_conditioned = 0
 
     def set_reference(self, stats: ReferenceStats) -> None:
         """Load reference statistics as the metrics' real side (same sums ``update(real=True)`` would give)."""
@@ -152,8 +153,12 @@ class GenerativeMetrics(nn.Module):
         self.num_real = f.shape[0]
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor) -> None:
-        """Add generated images: ``(B, C, H, W)`` float in ``[-1, 1]`` (quantised here) or uint8."""
+    def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add generated images: ``(B, C, H, W)`` float in ``[-1, 1]`` (quantised here) or uint8.
+
+        ``labels`` ``(B,)`` int64, the classes the images were generated for, count towards the conditional
+        accuracy (needs a domain classifier's logits).
+        """
         x = to_uint8(images)
         if "fid" in self.names:
             self.fid.update(x, real=False)
@@ -164,6 +169,9 @@ class GenerativeMetrics(nn.Module):
         if self.num_classes:
             predicted = self.shared(x)["logits"].argmax(1)
             self.class_counts += torch.bincount(predicted, minlength=self.num_classes).to(self.class_counts.device)
+            if labels is not None:
+                self.num_conditioned += labels.numel()
+                self.num_correct += int((predicted.cpu() == labels.cpu()).sum())
         self.shared.clear()
         self.num_fake += x.shape[0]
 
@@ -208,6 +216,8 @@ class GenerativeMetrics(nn.Module):
                 out.update(**{"is": float(mean), "is_std": float(std)})
         if self.num_classes:
             out.update(class_statistics(self.class_counts.cpu()))
+            if self.num_conditioned:
+                out["cond_accuracy"] = self.num_correct / self.num_conditioned
         return out
 
     def reset(self) -> None:
@@ -217,6 +227,7 @@ class GenerativeMetrics(nn.Module):
             metric.reset()
         self.class_counts.zero_()
         self.num_fake = 0
+        self.num_correct = self.num_conditioned = 0
         self.shared.seconds, self.shared.images = 0.0, 0
 
 

@@ -68,7 +68,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def result_row(result: dict[str, Any]) -> dict[str, Any]:
     """One flat table row from an :meth:`Evaluator.evaluate` result."""
     m = result["metrics"]
-    row = {k: m.get(k) for k in ("fid", "kid", "kid_std", "is", "is_std", "class_coverage", "class_entropy")}
+    row = {k: m.get(k) for k in ("fid", "kid", "kid_std", "is", "is_std", "class_coverage", "class_entropy",
+                                 "cond_accuracy")}
     row["s/image"] = result["timing"]["sampling_seconds_per_image"]
     row["features img/s"] = result["timing"]["feature_images_per_sec"]
     return row
