@@ -166,3 +166,15 @@ def test_datamodule_class_count_must_match(train_cfg: Callable[..., DictConfig],
     cfg = train_cfg("data.image_size=16", "trainer.max_steps=1", "model.num_classes=7", "export_pipeline=false")
     with pytest.raises(ValueError, match=r"model\.num_classes=7 but the datamodule has 10"):
         train_task.run(cfg)
+
+
+def test_conditional_ddpm_on_art_folder_artists(train_cfg: Callable[..., DictConfig], tmp_path: Path,
+                                                mnist_available: Path) -> None:
+    """The art folder's subfolders (monet, pissarro, sisley) are the classes; the grid has one artist per row."""
+    cfg = train_cfg("data=art", "data.image_size=16", "data.check_images=false", "data.num_workers=0",
+                    "trainer.max_steps=2", "trainer.limit_val_batches=1", "model.num_classes=3",
+                    "callbacks.sample_grid.num_samples=6", "export_pipeline=false")
+    train_task.run(cfg)
+    model = sample_task.load_module(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.num_classes == 3 and model.net.class_embedding.num_embeddings == 4  # 3 artists + null class
+    assert Image.open(tmp_path / "samples" / "final.png").size == (2 * 18 + 2, 3 * 18 + 2)
