@@ -90,7 +90,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.get("reference_size"), cfg.get("cache_dir"), cfg.get("kid_subset_size"), int(cfg.kid_subsets),
         int(cfg.is_splits), int(cfg.batch_size), int(cfg.seed), device,
     )
-    sample_kwargs = {k: cfg.get(k) for k in ("sampler", "num_inference_steps")}
+    sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale")}
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int):  # conditional: balanced labels, and the classifier's conditional accuracy
+        sample_kwargs["labels"] = torch.arange(int(cfg.num_samples)) % classes
     try:
         result = evaluator.evaluate(model, sample_kwargs)
         result.update(ckpt_path=str(cfg.ckpt_path), model=type(model).__name__, params=sampling_params(model),
