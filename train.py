@@ -8,12 +8,25 @@ os.environ.setdefault("ATELIER_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig
 
+from atelier.utils.hydra_jobs import (
+    in_multirun,
+    in_optimizing_sweep,
+    register_resolvers,
+    relaunch_ranks_into_job_dir,
+)
+
+register_resolvers()
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from atelier.tasks.train import metric_value, run
 
-    return metric_value(run(cfg), cfg.get("optimized_metric"))
+    if in_multirun():
+        # Lightning's DDP launcher re-runs the command line per rank: make it the job's, not the sweep's
+        relaunch_ranks_into_job_dir(__file__)
+    # in an Optuna sweep a NaN objective raises, so the sweeper records a failed trial and goes on
+    return metric_value(run(cfg), cfg.get("optimized_metric"), strict=in_optimizing_sweep())
 
 
 if __name__ == "__main__":

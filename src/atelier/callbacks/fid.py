@@ -94,8 +94,12 @@ class FIDCallback(Callback):
             result = self.measure(trainer, pl_module)
             values = torch.tensor([float(result["metrics"].get(k, float("nan"))) for k in LOGGED],
                                   dtype=torch.float64)
+        # every rank waits here for rank 0's numbers (no other collective while rank 0 samples and measures)
         values = trainer.strategy.broadcast(values, src=0)
         logged = {f"val/{name}": v for name, v in zip(LOGGED, values.tolist(), strict=True) if v == v}  # not NaN
+        if trainer.world_size > 1:
+            log.info("rank %d, step %d: %s", trainer.global_rank, trainer.global_step,
+                     ", ".join(f"{k}={v!r}" for k, v in logged.items()))
         for key, value in logged.items():
             # callback_metrics (checkpoint monitor, sweep objective) on every rank; loggers below, unthrottled
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, sync_dist=False, logger=False,

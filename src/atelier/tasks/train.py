@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,11 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CheckpointExtras
+from atelier.utils.batching import apply_global_batch_size
 from atelier.utils.config import instantiate_group, print_config_tree, run_info, write_json
 from atelier.utils.loggers import finish_wandb
+from atelier.utils.ranks import is_launch_rank_zero
+from atelier.utils.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +30,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ``wandb/`` and CSV/TensorBoard logs, ``run_info.json`` (git commit, packages, seed), ``config_tree.log``,
     ``metrics.json`` and, for models with ``save_pretrained``, a diffusers pipeline directory ``pipeline/``.
     ``wandb.finish()`` is always called, so multirun jobs get separate W&B runs.
+
+    Resume: an explicit ``ckpt_path`` wins; else with ``resume: auto`` the run's own newest checkpoint in
+    ``output_dir`` (a relaunch into the same directory, a requeued SLURM job). Under DDP, files other than
+    Lightning's own (checkpoints, loggers, sample grids: rank 0) are written by the launching process only.
+    ``global_batch_size`` (optional) sets ``data.batch_size`` and ``trainer.accumulate_grad_batches``.
+
+    Raises:
+        ValueError: a wrong ``resume``/``global_batch_size``/``micro_batch_size`` value (names the key), or
+            gradient accumulation requested for a module with manual optimisation (GAN).
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("print_config", True):
+    owner = is_launch_rank_zero()
+    apply_global_batch_size(cfg)
+    if cfg.get("print_config", True) and owner:
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    write_json(run_info(cfg.get("seed")), output_dir / "run_info.json")
+    if owner:
+        write_json(run_info(cfg.get("seed")), output_dir / "run_info.json")
+    ckpt_path, resume_step = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume", "auto"), output_dir)
+    if ckpt_path and not cfg.get("ckpt_path"):
+        log.info("Resuming from the run's own checkpoint %s (global step %s; resume=auto)", ckpt_path, resume_step)
 
     try:
         log.info("Instantiating datamodule <%s>", cfg.data._target_)
@@ -46,6 +65,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(CheckpointExtras(stored))
         loggers: list[Logger] = instantiate_group(cfg.get("logger"))
         trainer_overrides: dict[str, Any] = {}
+        if not model.automatic_optimization and cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} is not "
+                             f"allowed for {type(model).__name__} (manual optimisation): use 1, e.g. by leaving "
+                             "micro_batch_size null with global_batch_size")
+        strategy = cfg.trainer.get("strategy")
+        if not model.automatic_optimization and strategy is not None:
+            # manual optimisation (GAN) backpropagates D and G in turn: DDP must allow parameters without grads
+            if strategy == "ddp":
+                trainer_overrides["strategy"] = "ddp_find_unused_parameters_true"
+            elif (isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("DDPStrategy")
+                  and not strategy.get("find_unused_parameters")):
+                trainer_overrides["strategy"] = hydra.utils.instantiate(strategy, find_unused_parameters=True)
+            if "strategy" in trainer_overrides:
+                log.info("%s uses manual optimisation: DDP with find_unused_parameters=True", type(model).__name__)
         if not model.automatic_optimization and cfg.trainer.get("gradient_clip_val"):
             # Lightning refuses automatic clipping with manual optimisation (GAN); the module owns its steps
             log.warning("%s uses manual optimisation: trainer.gradient_clip_val=%s is ignored",
@@ -59,7 +92,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.log_hyperparams(resolved)
 
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
 
         if not trainer.fast_dev_run and not trainer.interrupted:
@@ -78,15 +111,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
         finish_wandb()
 
 
-def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
+def metric_value(metrics: dict[str, Any], name: str | None, strict: bool = False) -> float | None:
     """The metric ``name`` from ``metrics`` (for sweepers), or ``None`` when no name is given.
 
-    A name that was not logged gives a warning listing the available metrics, and ``None``.
+    A name that was not logged gives a warning listing the available metrics, and ``None`` (the Optuna sweeper
+    records such a trial as FAIL). With ``strict`` (inside an Optuna sweep) a NaN or infinite value raises, so the
+    sweeper records the trial as FAIL and the study goes on: hydra-optuna-sweeper 1.3 crashes on a NaN return.
+
+    Raises:
+        ValueError: ``strict`` and the metric is NaN or infinite.
     """
     if not name:
         return None
     if name not in metrics:
         log.warning("optimized_metric=%r was not logged; available: %s", name, sorted(metrics))
         return None
-    return float(metrics[name])
-
+    value = float(metrics[name])
+    if strict and not math.isfinite(value):
+        raise ValueError(f"optimized_metric={name!r} is {value} (training diverged): trial failed")
+    return value
