@@ -105,19 +105,13 @@ class AdaINStyle(ImageToImageModule):
         terms["loss"] = terms["content"] + terms["style"]
         return terms
 
-    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+    def step(self, batch: Any, stage: str) -> torch.Tensor:
         content, _ = pad_to_multiple(images_of(batch), 8)
         if self.styles is None:
             self.setup("fit")
         n = len(content)
         style = self.styles.sample(n) if stage == "train" else self.styles.fixed(n)
         return self.log_terms(self.losses(content, style.to(self.device, content.dtype)), stage, n)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.decoder.parameters())

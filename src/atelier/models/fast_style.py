@@ -121,15 +121,9 @@ class FastStyle(ImageToImageModule):
         terms["loss"] = terms["content"] + terms["style"] + terms["tv"]
         return terms
 
-    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+    def step(self, batch: Any, stage: str) -> torch.Tensor:
         x = images_of(batch)
         return self.log_terms(self.losses(x), stage, len(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())

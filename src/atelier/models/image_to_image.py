@@ -52,6 +52,17 @@ class ImageToImageModule(LightningModule):
         self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size, sync_dist=sync)
         return terms["loss"]
 
+    def step(self, batch: Any, stage: str) -> torch.Tensor:
+        """The logged loss of one batch at ``stage`` (``train`` or ``val``); subclasses define it or override
+        ``training_step`` / ``validation_step`` themselves."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither step() nor its own training_step")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "val")
+
     def in_eval_mode(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run ``fn`` with the module in eval mode and without gradients, restoring the previous mode."""
         was_training = self.training
