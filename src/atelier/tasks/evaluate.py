@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from atelier.metrics.evaluator import Evaluator
 from atelier.tasks.sample import load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
+from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; print a table, write ``metrics.json`` and log to the configured loggers."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = cfg.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.get("device", "auto"))
     model = load_module(cfg.ckpt_path).to(device)
     datamodule = reference_datamodule(cfg.ckpt_path, cfg.get("data_dir"))
     extractor_cfg = OmegaConf.to_container(cfg.feature_extractor, resolve=True)

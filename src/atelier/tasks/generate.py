@@ -25,12 +25,12 @@ from atelier.text2image.pipeline import (
     apply_lora,
     image2image_from,
     load_text2image,
-    resolve_device,
     resolve_dtype,
     set_sampler,
 )
 from atelier.text2image.schedulers import SD_SAMPLERS
 from atelier.utils.config import instantiate_group, write_json
+from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from atelier.style.color import luminance
 from atelier.style.io import load_image, save_png, side_by_side
 from atelier.tasks.sample import load_module
 from atelier.utils.config import write_json
+from atelier.utils.device import resolve_device
 from atelier.utils.media import log_task_results
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = input_paths(cfg.input)
     root = Path(cfg.input).expanduser() if Path(cfg.input).expanduser().is_dir() else paths[0].parent
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" \
-        else cfg.device
+    device = resolve_device(cfg.device)
     model = load_module(cfg.ckpt_path).to(device)
     if not isinstance(model, Restoration):
         raise ValueError(f"ckpt_path={cfg.ckpt_path} holds a {type(model).__name__}, not a model=restore checkpoint")

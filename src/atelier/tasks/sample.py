@@ -18,6 +18,7 @@ from atelier.callbacks.samples import class_rows, save_grid
 from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.interface import accepted_kwargs
 from atelier.utils.config import write_json
+from atelier.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int) -> int | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Draw ``cfg.num_samples`` images; write ``grid.png``, ``images/*.png`` and ``sample_info.json``."""
     output_dir = Path(cfg.paths.output_dir)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
     model = load_module(cfg.ckpt_path).to(device)
     if not callable(getattr(model, "sample", None)):
         raise TypeError(f"{type(model).__name__} is an image-to-image model, not a generator: apply it to images "

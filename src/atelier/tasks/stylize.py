@@ -18,6 +18,7 @@ from atelier.style.optimize import stylize_gatys
 from atelier.style.vgg import VGGFeatures
 from atelier.tasks.sample import load_module
 from atelier.utils.config import write_json
+from atelier.utils.device import resolve_device
 from atelier.utils.media import log_task_results
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,6 @@ log = logging.getLogger(__name__)
 METHODS = ("gatys", "fast", "adain")
 RANDOM_VGG_NOTE = ("made with RANDOM VGG-19 weights (vgg_weights=random): a plumbing/test output, NOT a style "
                    "transfer result")
-
-
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 def style_paths(style: Any) -> list[str]:
@@ -69,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"method={cfg.method!r} is not allowed; choose one of {list(METHODS)}")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(int(cfg.seed))
     content = load_image(cfg.content, cfg.size)
     paths = style_paths(cfg.get("style"))

@@ -13,6 +13,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, Dif
 from atelier.text2image.schedulers import make_sd_scheduler
 from atelier.text2image.tiny import is_tiny
 from atelier.text2image.weights import resolve_model
+from atelier.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,6 @@ PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16"
 ADAPTER_NAME = "atelier_lora"
 #: file name of a LoRA adapter in diffusers' format
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; any other value as given."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
