@@ -122,13 +122,14 @@ class Evaluator:
         generator = torch.Generator().manual_seed(self.seed)
         sampling_seconds = 0.0
         start_all = time.perf_counter()
+        takes_batch_size = _takes_batch_size(model)
         for start in range(0, self.num_samples, self.batch_size):
             b = min(self.batch_size, self.num_samples - start)
             batch_kwargs = dict(kwargs)
             batch_labels = None if labels is None else labels[start:start + b]
             if batch_labels is not None:
                 batch_kwargs["labels"] = batch_labels
-            if _takes_batch_size(model):
+            if takes_batch_size:
                 batch_kwargs["batch_size"] = b
             t0 = time.perf_counter()
             images = model.sample(b, generator=generator, **batch_kwargs)
