@@ -80,3 +80,24 @@ def mnist_available() -> Path:
     if not (raw / "train-images-idx3-ubyte").exists() and not (raw / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"real MNIST files are needed in {raw}: set ATELIER_DATA_DIR to ../shared/data")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict[str, str]:
+    """A real one-node SLURM cluster (``scripts/slurm_local_cluster.sh``: Debian's slurm-wlm + munge, installed
+    when missing); yields the environment variables that point ``sbatch``/``scontrol`` at it. Stopped at the end
+    of the session when this fixture started it.
+
+    Skips where no cluster can be started (no root, no apt, no packages), unless ``ATELIER_REQUIRE_SLURM=1``
+    (CI), where that is a failure.
+    """
+    from tests.slurm_utils import start_local_cluster, stop_local_cluster
+
+    env, started, why = start_local_cluster()
+    if env is None:
+        if os.environ.get("ATELIER_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ATELIER_REQUIRE_SLURM=1 but no SLURM cluster could be started: {why}")
+        pytest.skip(f"no SLURM cluster here: {why}")
+    yield env
+    if started:
+        stop_local_cluster()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CheckpointExtras
+from atelier.callbacks.preemption import Preemption
 from atelier.utils.batching import apply_global_batch_size
 from atelier.utils.config import instantiate_group, print_config_tree, run_info, write_json
 from atelier.utils.loggers import finish_wandb
@@ -63,6 +66,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         stored = {"model": OmegaConf.to_container(cfg.model, resolve=True),
                   "data": OmegaConf.to_container(cfg.data, resolve=True)}
         callbacks.append(CheckpointExtras(stored))
+        preemption = Preemption(cfg.get("preemption_signal"))
+        callbacks.append(preemption)
         loggers: list[Logger] = instantiate_group(cfg.get("logger"))
         trainer_overrides: dict[str, Any] = {}
         if not model.automatic_optimization and cfg.trainer.get("accumulate_grad_batches", 1) != 1:
@@ -84,6 +89,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log.warning("%s uses manual optimisation: trainer.gradient_clip_val=%s is ignored",
                         type(model).__name__, cfg.trainer.gradient_clip_val)
             trainer_overrides["gradient_clip_val"] = None
+        if SLURMEnvironment.detect() and "plugins" not in cfg.trainer:
+            # one owner of requeueing: submitit (see atelier.callbacks.preemption), not Lightning's auto-requeue
+            trainer_overrides["plugins"] = [SLURMEnvironment(auto_requeue=False)]
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                      **trainer_overrides)
 
@@ -108,7 +116,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("Output directory: %s", output_dir)
         return metrics
     finally:
-        finish_wandb()
+        # never raises, so it cannot replace an exception in flight (a preemption's SystemExit, Ctrl-C)
+        finish_wandb(exit_code=0 if sys.exc_info()[0] is None else 1)
 
 
 def metric_value(metrics: dict[str, Any], name: str | None, strict: bool = False) -> float | None:

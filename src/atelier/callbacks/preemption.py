@@ -1,0 +1,146 @@
+"""Preemption and time limits: on a signal, stop at the next step boundary, checkpoint, close W&B, hand over.
+
+One owner of requeueing: **submitit** (through Hydra's submitit launcher). SLURM sends submitit's signal
+(``SIGUSR2`` unless ``SUBMITIT_PREEMPT_SIGNAL`` names another) ``signal_delay_s`` before the time limit, and on a
+preemption when the cluster sets ``SlurmctldParameters=preempt_send_user_signal``; submitit's handler then
+re-pickles the Hydra job, runs ``scontrol requeue`` and exits with ``SystemExit``, so the interrupted attempt leaves
+no result file and the submitting ``train.py -m`` keeps waiting for the requeued attempt. Lightning's own SLURM
+auto-requeue is switched off by the train task (``SLURMEnvironment(auto_requeue=False)``), so two mechanisms never
+both requeue.
+
+What this callback adds is *when* and *what first*. A signal handler runs between two bytecodes, possibly in
+the middle of an optimiser step, and a requeue makes SLURM send ``SIGTERM`` to every process of the job step,
+wandb-core included (wandb issue 9963). So the handlers here only record the signal; at the next training-batch
+boundary the callback saves ``<run dir>/checkpoints/last.ckpt``, marks the W&B run preempting and finishes it
+while wandb-core is still alive, and only then calls submitit's handler (requeue and exit). Without submitit (a
+plain run, a hand-written ``sbatch``) the warning signal checkpoints and stops the run with ``SystemExit``.
+
+``SIGTERM`` (a preemption without warning, ``scontrol requeue``, ``scancel``) takes the same path and ends in
+Lightning's ``SIGTERMException`` (a ``SystemExit``); SLURM itself requeues such a job when it was preempted or
+requeued. wandb-core has received the same ``SIGTERM`` by then, so the run is re-attached through a fresh
+wandb-core to be marked and finished (:func:`atelier.utils.loggers.finish_wandb_preempted`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from atelier.utils.loggers import finish_wandb_preempted
+
+log = logging.getLogger(__name__)
+
+#: what submitit reads to choose its signal (submitit.core.job_environment._PREEMPT_SIG_ENV)
+SUBMITIT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+
+Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def warning_signal(name: str | None = None) -> signal.Signals:
+    """The end-of-job warning signal: ``name`` (e.g. ``"USR2"`` or ``"SIGUSR1"``), else submitit's
+    (``$SUBMITIT_PREEMPT_SIGNAL``, default ``USR2``).
+
+    Raises:
+        ValueError: ``name`` is not a signal of this platform (the message lists a few allowed names).
+    """
+    name = (name or os.environ.get(SUBMITIT_SIGNAL_ENV) or "USR2").upper()
+    full = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return signal.Signals[full]
+    except KeyError:
+        raise ValueError(f"preemption signal {name!r} is not known; choose e.g. one of "
+                         "['USR1', 'USR2', 'TERM', 'INT']") from None
+
+
+class Preemption(Callback):
+    """Checkpoint-then-hand-over on the warning signal or ``SIGTERM`` (see the module docstring).
+
+    Args:
+        signal_name: the warning signal (default: submitit's, ``USR2``).
+        exit_code: the W&B exit code of a preempted attempt (non-zero: W&B shows it as preempted).
+
+    Attributes:
+        received: the signal that stopped this attempt, or ``None``.
+    """
+
+    def __init__(self, signal_name: str | None = None, exit_code: int = 1) -> None:
+        self.signum = warning_signal(signal_name)
+        self.exit_code = exit_code
+        self.received: int | None = None
+        self._previous: dict[int, Handler] = {}
+        self._handled = False
+
+    # ------------------------------------------------------------------ signal handlers: record only
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning("Received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        if signum == signal.SIGTERM:
+            previous = self._previous.get(signum)
+            if callable(previous):  # Lightning's notifier (received_sigterm, DDP children) and submitit's bypass
+                previous(signum, frame)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # after Lightning registered its own handlers (Trainer._run), which it restores at teardown
+        for signum in {self.signum, signal.SIGTERM}:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._record)
+
+    # ------------------------------------------------------------------ step boundary: act
+    def _pending(self, trainer: Trainer) -> bool:
+        pending = self.received is not None and not self._handled
+        if trainer.world_size > 1:  # every rank stops at the same step (srun signals all of them anyway)
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        return pending
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._pending(trainer):
+            self._stop(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a signal during the last step: act on it here, the handlers are about to be restored
+        if self.received is not None and not self._handled:
+            self._stop(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # SIGTERM after this step's on_train_batch_end: Lightning raised its SIGTERMException at the end of the
+        # same step, before this callback saw it (Lightning's ModelCheckpoint saved then too)
+        if self.received is not None and not self._handled:
+            self._handled = True
+            self._save_and_close(trainer, signal.Signals(self.received).name)
+
+    def _save_and_close(self, trainer: Trainer, name: str) -> None:
+        path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("%s: saved %s at global step %d", name, path, trainer.global_step)
+        if trainer.is_global_zero:
+            init = next((lg._wandb_init for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+            if finish_wandb_preempted(init, exit_code=self.exit_code):
+                log.info("W&B run marked preempted and finished")
+
+    def _stop(self, trainer: Trainer) -> None:
+        self._handled = True
+        signum = self.received if self.received is not None else int(signal.SIGTERM)
+        name = signal.Signals(signum).name
+        self._save_and_close(trainer, name)
+        if signum == self.signum:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                log.info("handing over to the previous %s handler (submitit: requeue and exit)", name)
+                previous(signum, None)  # submitit: re-pickle the job, scontrol requeue, sys.exit(-1)
+            raise SystemExit(128 + signum)
+        raise SIGTERMException(128 + signum)
