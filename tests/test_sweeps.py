@@ -1,30 +1,39 @@
-"""Sweeps through the real entry point: an Optuna study in SQLite where failing trials (an exception, a NaN
-objective) are recorded as FAIL and the study goes on and can be resumed; a submitit_local multirun of 2 jobs,
-each with its own directory and W&B run; train.py driven with the exact arguments a W&B sweep agent passes."""
+"""Sweeps through the real entry point: an Optuna study (Atelier's sweeper, ``hydra/sweeper=atelier_optuna``) in
+SQLite where failing trials (an exception, a NaN objective) are recorded as FAIL and the study goes on and can be
+resumed; a study whose trials all fail ends with an error listing them; a real search config whose runs end
+before their first validation still reports val/loss; the search-space parser; a submitit_local multirun of 2
+jobs, each with its own directory and W&B run; train.py driven with the exact arguments a W&B sweep agent
+passes."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from atelier.sweeps.optuna_sweeper import judge, make_sampler
+from atelier.sweeps.search_space import SearchSpace, format_value
 from atelier.utils.loggers import run_id
 from tests.conftest import ROOT
 from tests.scale_out_utils import run_train, tiny_args, train_env, wandb_run_ids
 
 # The real sweeps' structure on a tiny space: lr=1e30 makes val/loss NaN, norm_num_groups=3 raises (16 channels).
-# Random sampling with seed 6 draws (1e-3, 8), (1e30, 8), (*, 3): one trial of each kind. (Not the grid sampler:
-# hydra-optuna-sweeper 1.3 crashes when the grid's last trial fails, as GridSampler then calls study.stop().)
+# Random sampling with seed 6 (Optuna 4/5) draws (1e-3, 8), (1e30, 8), (*, 3): one trial of each kind.
 TEST_SEARCH = """\
 # @package _global_
 defaults:
-  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper: atelier_optuna
   - override /hydra/sweeper/sampler: random
 optimized_metric: val/loss
 hydra:
@@ -32,15 +41,29 @@ hydra:
     storage: sqlite:///{db}
     study_name: tiny_study
     direction: minimize
-    n_trials: 3
+    n_trials: {n_trials}
     n_jobs: 1
     max_failure_rate: 1.0
     sampler:
       seed: 6
     params:
-      model.optimizer.lr: choice(1e-3, 1e30)
-      model.net.norm_num_groups: choice(8, 3)
+      model.optimizer.lr: {lr}
+      model.net.norm_num_groups: {groups}
 """
+TINY_SWEEP = ["logger=csv", "trainer.max_steps=3", "trainer.max_epochs=-1", "trainer.val_check_interval=3",
+              "trainer.check_val_every_n_epoch=null", "callbacks.sample_grid.on_train_end=false"]
+
+
+def _search_args(tmp_path: Path, n_trials: int = 3, lr: str = "choice(1e-3, 1e30)",
+                 groups: str = "choice(8, 3)") -> list[str]:
+    """``-m hparams_search=tiny_search ...`` with the search config above written under ``tmp_path``."""
+    search_dir = tmp_path / "configs" / "hparams_search"
+    search_dir.mkdir(parents=True, exist_ok=True)
+    (search_dir / "tiny_search.yaml").write_text(
+        TEST_SEARCH.format(db=tmp_path / "study.db", n_trials=n_trials, lr=lr, groups=groups))
+    # a searched key given on the command line would be a fixed parameter for the sweeper: leave it to the search
+    tiny = [a for a in tiny_args("ddpm", *TINY_SWEEP) if not a.startswith("model.net.norm_num_groups=")]
+    return ["-m", "hparams_search=tiny_search", f"hydra.searchpath=[file://{tmp_path / 'configs'}]", *tiny]
 
 
 def _expected_state(params: dict) -> optuna.trial.TrialState:
@@ -50,15 +73,7 @@ def _expected_state(params: dict) -> optuna.trial.TrialState:
 
 def test_optuna_sweep_records_failed_trials_in_sqlite_and_resumes(tmp_path: Path, mnist_available) -> None:
     db = tmp_path / "study.db"
-    search_dir = tmp_path / "configs" / "hparams_search"
-    search_dir.mkdir(parents=True)
-    (search_dir / "tiny_search.yaml").write_text(TEST_SEARCH.format(db=db))
-    tiny = tiny_args("ddpm", "logger=csv", "trainer.max_steps=3", "trainer.max_epochs=-1",
-                     "trainer.val_check_interval=3", "trainer.check_val_every_n_epoch=null",
-                     "callbacks.sample_grid.on_train_end=false")
-    # a searched key given on the command line would be a fixed parameter for the sweeper: leave it to the search
-    tiny = [a for a in tiny if not a.startswith("model.net.norm_num_groups=")]
-    args = ["-m", "hparams_search=tiny_search", f"hydra.searchpath=[file://{tmp_path / 'configs'}]", *tiny]
+    args = _search_args(tmp_path)
     proc = run_train([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], train_env(tmp_path / "outputs"))
     # exit 0: the failures did not stop the study
 
@@ -75,7 +90,15 @@ def test_optuna_sweep_records_failed_trials_in_sqlite_and_resumes(tmp_path: Path
     job = tmp_path / "sweep" / str(ok.number)
     assert ok.value == json.loads((job / "metrics.json").read_text())["val/loss"]
     assert study.best_trial.number == ok.number
-    assert (tmp_path / "sweep" / "optimization_results.yaml").exists()
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.FAIL:  # why, kept in the study
+            expected = ("norm_num_groups=3" if trial.params["model.net.norm_num_groups"] == 3
+                        else "training diverged): trial failed")
+            assert expected in trial.user_attrs["fail_reason"], trial.user_attrs
+        assert Path(trial.user_attrs["output_dir"]) == tmp_path / "sweep" / str(trial.number)
+    results = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert results.best_value == ok.value and results.best_params == ok.params and results.best_trial == ok.number
+    assert dict(results.trials) == {"COMPLETE": 1, "FAIL": 2}
 
     # resume: the same command with the same SQLite file adds trials to the same study
     run_train([*args, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'sweep2'}"],
@@ -83,6 +106,95 @@ def test_optuna_sweep_records_failed_trials_in_sqlite_and_resumes(tmp_path: Path
     study = optuna.load_study(study_name="tiny_study", storage=f"sqlite:///{db}")
     assert len(study.trials) == 4
     assert study.trials[-1].state == _expected_state(study.trials[-1].params)
+
+
+def test_optuna_study_where_every_trial_fails_exits_with_the_trials_and_reasons(tmp_path: Path,
+                                                                               mnist_available) -> None:
+    # norm_num_groups 3 and 5 do not divide 16 channels: every trial raises while the model is built
+    args = _search_args(tmp_path, n_trials=2, lr="1e-3", groups="choice(3, 5)")
+    proc = run_train([*args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], train_env(tmp_path / "outputs"), check=False)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "Record does not exist" not in proc.stdout
+    assert "StudyFailedError: study 'tiny_study'" in proc.stdout and "none completed" in proc.stdout
+    study = optuna.load_study(study_name="tiny_study", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    for trial in study.trials:
+        groups = trial.params["model.net.norm_num_groups"]
+        reason = trial.user_attrs["fail_reason"]
+        assert reason.startswith("InstantiationException") and f"multiples of norm_num_groups={groups}" in reason
+        job = tmp_path / "sweep" / str(trial.number)
+        line = f"  trial {trial.number} {{'model.net.norm_num_groups': {groups}}} in {job}: {reason}"
+        assert line in proc.stdout, (line, proc.stdout[-3000:])  # number, params, job directory, why it failed
+    assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
+
+
+def test_ddpm_optuna_trials_that_end_before_validation_still_report_val_loss(tmp_path: Path,
+                                                                             mnist_available) -> None:
+    # the real search config; 3 steps is far below the first scheduled validation (end of epoch 1)
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "hparams_search=ddpm_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=3",
+                      *tiny_args("ddpm", "logger=csv", "callbacks.sample_grid.on_train_end=false"),
+                      f"hydra.sweep.dir={sweep}"], train_env(tmp_path / "outputs"))
+    study = optuna.load_study(study_name="ddpm_optuna",
+                              storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna' / 'ddpm_optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert proc.stdout.count("one final validation") == 2
+    for trial in study.trials:
+        metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert metrics["global_step"] == 3 and "train/loss" in metrics
+        assert trial.value == metrics["val/loss"] and math.isfinite(trial.value)
+        # data.batch_size=8 on the command line fixes the searched key: not sampled
+        assert set(trial.params) == {"model.optimizer.lr", "model.optimizer.weight_decay",
+                                     "model.lr_scheduler.num_warmup_steps"}
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == study.best_value
+
+
+def test_search_space_maps_override_grammar_to_optuna_distributions() -> None:
+    space = SearchSpace.from_config(
+        {"lr": "tag(log, interval(1e-4, 1e-2))", "dropout": "interval(0, 0.5)", "steps": "range(100, 400, 100)",
+         "width": "tag(int, interval(8, 64))", "down": "range(10, 0, -2)", "loss": "choice(hinge, 'non saturating')",
+         "channels": "choice([16,32], [32,64])", "groups": "choice(8, 16)", "seed": 3},
+        ["groups=4", "~callbacks.fid", "+extra=x", "scale=0.5,1.0"])  # the command line comes last and wins
+    d = space.distributions
+    assert d["lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert d["dropout"] == FloatDistribution(0.0, 0.5)
+    assert d["steps"] == IntDistribution(100, 300, step=100)  # stop excluded, as in Hydra
+    assert d["width"] == IntDistribution(8, 64)
+    assert d["down"] == IntDistribution(2, 10, step=2)
+    assert d["loss"] == CategoricalDistribution(["hinge", "non saturating"])
+    assert d["channels"] == CategoricalDistribution(["[16,32]", "[32,64]"])
+    assert d["scale"] == CategoricalDistribution([0.5, 1.0])
+    assert set(d) == {"lr", "dropout", "steps", "width", "down", "loss", "channels", "scale"}
+    assert list(space.fixed.values()) == ["seed=3", "groups=4", "~callbacks.fid", "+extra=x"]
+    assert space.overrides({"loss": "non saturating", "channels": "[32,64]", "lr": 0.001}) == [
+        "seed=3", "groups=4", "~callbacks.fid", "+extra=x", "loss=non\\ saturating", "channels=[32,64]", "lr=0.001"]
+    assert format_value("1") == "'1'" and format_value(True) == "true" and format_value(None) == "null"
+    with pytest.raises(ValueError, match="unknown tag"):
+        SearchSpace.from_config({"lr": "tag(logg, interval(1e-4, 1e-2))"}, [])
+    with pytest.raises(ValueError, match="is empty"):
+        SearchSpace.from_config({"n": "range(5, 5)"}, [])
+
+
+def test_trial_outcomes_and_resumed_sampler_seed() -> None:
+    def ret(value: object, status: JobStatus = JobStatus.COMPLETED) -> JobReturn:
+        job = JobReturn(status=status)
+        job.return_value = value
+        return job
+
+    assert judge(ret(0.5)).value == 0.5 and judge(ret(0.5)).reason is None
+    assert "returned None" in judge(ret(None)).reason
+    assert judge(ret(float("nan"))).reason == "the job returned nan"
+    assert judge(ret(float("inf"))).reason == "the job returned inf"
+    assert judge(ret(ValueError("boom"), JobStatus.FAILED)).reason == "ValueError: boom"
+    # a resumed study with 4 trials seeds its sampler with seed + 4: it does not draw the first trials again
+    def first_draw(sampler: optuna.samplers.BaseSampler) -> float:
+        study = optuna.create_study(sampler=sampler)
+        return study.ask({"x": FloatDistribution(0.0, 1.0)}).params["x"]
+
+    factory = functools.partial(optuna.samplers.RandomSampler, seed=6)
+    assert first_draw(make_sampler(factory, 4)) == first_draw(optuna.samplers.RandomSampler(seed=10))
+    assert first_draw(make_sampler(factory, 0)) == first_draw(optuna.samplers.RandomSampler(seed=6))
+    assert first_draw(make_sampler(factory, 4)) != first_draw(make_sampler(factory, 0))
 
 
 def test_submitit_local_multirun_two_jobs_own_dirs_and_wandb_runs(tmp_path: Path, mnist_available) -> None:
@@ -144,3 +256,20 @@ def test_wandb_agent_command_form_drives_train_py(tmp_path: Path, mnist_availabl
     assert wandb_run_ids(run_dir) == {"agentrun123"}  # the agent's run, not a new one
     assert "val/loss" in json.loads((run_dir / "metrics.json").read_text())
     assert os.environ.get("WANDB_RUN_ID") is None  # the test did not leak the agent's variable
+
+
+def test_sweeper_settings_are_checked_and_a_stored_study_keeps_its_direction(tmp_path: Path) -> None:
+    from atelier.sweeps.optuna_sweeper import OptunaSweep
+
+    def sweep(**changes: object) -> OptunaSweep:
+        settings = {"sampler": None, "direction": "minimize", "storage": f"sqlite:///{tmp_path / 'db' / 's.db'}",
+                    "study_name": "s", "n_trials": 1, "n_jobs": 1, "max_failure_rate": 1.0, "params": None}
+        return OptunaSweep(**{**settings, **changes})
+
+    for bad in ({"direction": "up"}, {"n_jobs": 0}, {"max_failure_rate": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sweep(**bad)
+    assert sweep().open_study().direction == optuna.study.StudyDirection.MINIMIZE  # creates db/ and the study
+    assert sweep(direction="MINIMIZE").open_study().study_name == "s"  # loads it
+    with pytest.raises(ValueError, match="was created to minimize, not maximize"):
+        sweep(direction="maximize").open_study()

@@ -102,6 +102,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
+        objective = cfg.get("optimized_metric")
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if (isinstance(objective, str) and objective.startswith("val/") and objective not in trainer.callback_metrics
+                and not trainer.interrupted and not trainer.fast_dev_run and trainer.limit_val_batches
+                and is_overridden("val_dataloader", datamodule) and is_overridden("validation_step", model)):
+            # the run ended before its first validation (e.g. max_steps below val_check_interval): without this
+            # the objective is missing and a sweep trial fails. validate() resets callback_metrics: keep the rest
+            log.info("optimized_metric=%s was not logged (no validation ran during training): one final validation",
+                     objective)
+            trained = dict(trainer.callback_metrics)
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+            for key, value in trained.items():
+                trainer.callback_metrics.setdefault(key, value)
 
         if not trainer.fast_dev_run and not trainer.interrupted:
             # last.ckpt always holds the final state, also when max_time/max_steps ended between periodic saves
