@@ -48,6 +48,9 @@ class SampleGrid(Callback):
     images) are saved beside it as ``<name>_step_XXXXXXX.png`` and logged under their own key. Image-to-image
     modules (style transfer, restoration) have no ``sample``: they get only those grids.
 
+    A module with neither (a classifier) has, by that declaration, no grid to draw: the callback logs one info
+    line saying so and draws nothing, so the default callbacks work for every model.
+
     Args:
         dirpath: folder for the PNG grids.
         every_n_steps: interval in optimiser steps (0 disables periodic grids).
@@ -76,6 +79,22 @@ class SampleGrid(Callback):
         self._last_step = -1
         self.paths: list[Path] = []
         self._reference: torch.Tensor | None = None
+        self._told_no_grid = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.has_grid(pl_module)
+
+    def has_grid(self, pl_module: LightningModule) -> bool:
+        """True when ``pl_module`` has ``sample`` or ``visualizations``; otherwise says once (info) that no grids
+        are drawn for it."""
+        if callable(getattr(pl_module, "sample", None)) or callable(getattr(pl_module, "visualizations", None)):
+            return True
+        if not self._told_no_grid:
+            self._told_no_grid = True
+            log.info("SampleGrid: %s has neither sample(n, generator) nor visualizations(); no sample grids are "
+                     "drawn for it", type(pl_module).__name__)
+        return False
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -103,16 +122,12 @@ class SampleGrid(Callback):
 
     @rank_zero_only
     def draw(self, trainer: Trainer, pl_module: LightningModule, name: str) -> list[Path]:
-        """Save (and log) the grids of this step; returns their paths.
-
-        Raises:
-            TypeError: when the module has neither ``sample`` nor ``visualizations``.
-        """
+        """Save (and log) the grids of this step; returns their paths (none for a module with neither ``sample``
+        nor ``visualizations``, which is said once in the log)."""
+        if not self.has_grid(pl_module):
+            return []
         has_sample = callable(getattr(pl_module, "sample", None))
         has_vis = callable(getattr(pl_module, "visualizations", None))
-        if not (has_sample or has_vis):
-            raise TypeError(f"{type(pl_module).__name__} has neither sample(n, generator) nor visualizations() "
-                            "for SampleGrid; remove callbacks.sample_grid for this model")
         paths = []
         if has_sample:
             kwargs = accepted_kwargs(pl_module, self.sample_kwargs)

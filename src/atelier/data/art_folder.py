@@ -3,53 +3,52 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from lightning import LightningDataModule
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
+from atelier.data.image_io import IMAGE_EXTENSIONS, find_images, load_rgb, split_readable
 from atelier.data.loaders import make_loader
 from atelier.data.transforms import art_transform
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def find_images(root: Path) -> list[Path]:
-    """Every file under ``root`` (recursive) whose extension is in :data:`IMAGE_EXTENSIONS`, sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def split_readable(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Decode every image once; return ``(readable, unreadable)`` paths."""
-    good, bad = [], []
-    for path in paths:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(path) as im:
-                    im.load()
-            good.append(path)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-            bad.append(path)
-    return good, bad
+# re-exported: the folder readers (style images, restoration inputs) import them from here
+__all__ = ["IMAGE_EXTENSIONS", "ArtFolderDataModule", "ImageFolderDataset", "find_images", "split_readable"]
 
 
 class ImageFolderDataset(Dataset):
     """``(image, label)`` pairs from image paths; label = index of the file's top-level subfolder.
 
-    Images of any mode (grey, RGBA, CMYK, palette) are converted to RGB before ``transform``.
+    Every file is read by :func:`atelier.data.image_io.load_rgb`: EXIF orientation applied, 16-bit images scaled
+    (not clipped) to 8 bits, any mode converted to RGB (transparency on white). With ``image_size`` the image is
+    fitted to ``image_size × image_size`` (short side resized, centre crop; JPEGs decoded at reduced scale) before
+    ``transform``, and with ``cache_dir`` as well the fitted image is cached on disk (see
+    :mod:`atelier.data.image_io`).
+
+    Args:
+        root: the folder (labels come from the top-level subfolders below it).
+        paths: image files under ``root``.
+        transform: PIL ``RGB`` image → sample (e.g. :func:`atelier.data.transforms.art_transform`, giving
+            ``(C, H, W)`` float32 in ``[-1, 1]``); ``None`` returns the PIL image.
+        image_size: training size in px (``None``: full-size images).
+        cache_dir: cache folder of fitted images (needs ``image_size``; ``None``: no cache).
+
+    Raises:
+        atelier.data.image_io.UnreadableImageError: from ``__getitem__``, for a file that cannot be decoded
+            (an ``OSError`` naming the file).
     """
 
-    def __init__(self, root: Path, paths: list[Path], transform: Callable | None = None) -> None:
+    def __init__(self, root: Path, paths: list[Path], transform: Callable | None = None,
+                 image_size: int | None = None, cache_dir: str | Path | None = None) -> None:
         self.root = root
         self.paths = paths
         self.transform = transform
+        self.image_size = image_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         names = [self.class_name(p) for p in paths]
         self.classes = sorted(set(names))
         index = {c: i for i, c in enumerate(self.classes)}
@@ -63,12 +62,7 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+        image = load_rgb(self.paths[i], self.image_size, self.cache_dir)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[i]
@@ -78,9 +72,15 @@ class ArtFolderDataModule(LightningDataModule):
     """Images under ``root`` as ``(image, label)``: image ``(channels, image_size, image_size)`` float32 in
     ``[-1, 1]``, label int64 (subfolder index; one class when there are no subfolders).
 
-    Every ``jpg/jpeg/png/webp/bmp`` file under ``root`` is used (recursive). Images are converted to RGB,
-    resized (short side) and centre-cropped to ``image_size``, and flipped horizontally at random for training.
+    Every ``jpg/jpeg/png/webp/bmp/tif/tiff/gif`` file under ``root`` is used (recursive; extensions in any case).
+    Files are read by :func:`atelier.data.image_io.load_rgb`: EXIF orientation applied, 16-bit images scaled to
+    8 bits, GIFs' first frame, any mode converted to RGB, large JPEGs decoded at reduced scale; then resized
+    (short side) and centre-cropped to ``image_size``, and flipped horizontally at random for training.
     Unreadable or corrupt files are skipped and reported once (count and names) at setup.
+
+    With ``cache`` the fitted ``image_size`` px images (before flips) are written once as PNGs under
+    ``cache_dir/<image_size>px/`` and read from there afterwards; an entry is rebuilt when its file's size or
+    mtime changes. Worth it when decoding dominates the step time (large scans, TIFFs).
 
     Args:
         root: image folder (config key ``data.root``).
@@ -91,11 +91,18 @@ class ArtFolderDataModule(LightningDataModule):
         num_workers: DataLoader workers.
         seed: seed of the train/val split.
         hflip: random horizontal flips for training.
-        check_images: decode every file at setup to find corrupt ones (costs ~1 ms per small image).
+        check_images: decode every file at setup to find corrupt ones (costs ~1 ms per small image; with
+            ``cache`` this check fills the cache, and later runs read the cached entries).
+        pin_memory: DataLoader ``pin_memory``.
+        cache: cache the fitted images on disk (config key ``data.cache``).
+        cache_dir: the cache folder (config key ``data.cache_dir``; ``configs/data/art.yaml``:
+            ``${paths.log_dir}/image_cache``).
 
     Raises:
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
-        ValueError: for ``channels`` not in (1, 3) or a ``val_fraction`` outside ``[0, 1)``.
+        ValueError: for ``channels`` not in (1, 3), a ``val_fraction`` outside ``[0, 1)`` or ``cache`` without a
+            ``cache_dir``.
+        OSError: when ``cache_dir`` cannot be written (at setup with ``check_images``, else while loading).
     """
 
     def __init__(
@@ -110,14 +117,19 @@ class ArtFolderDataModule(LightningDataModule):
         hflip: bool = True,
         check_images: bool = True,
         pin_memory: bool = False,
+        cache: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels} is not allowed; choose 1 or 3")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if cache and not cache_dir:
+            raise ValueError("data.cache=true needs data.cache_dir (a writable folder for the resized images)")
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
         self.skipped: list[Path] = []
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -128,9 +140,10 @@ class ArtFolderDataModule(LightningDataModule):
             return
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={self.root} does not exist or is not a folder")
+        hp = self.hparams
         paths = find_images(self.root)
-        if self.hparams.check_images:
-            paths, self.skipped = split_readable(paths)
+        if hp.check_images:
+            paths, self.skipped = split_readable(paths, hp.image_size, self.cache_dir)
             if self.skipped:
                 names = ", ".join(str(p.relative_to(self.root)) for p in self.skipped[:50])
                 more = f" (+{len(self.skipped) - 50} more)" if len(self.skipped) > 50 else ""
@@ -138,11 +151,14 @@ class ArtFolderDataModule(LightningDataModule):
                             names, more)
         if not paths:
             raise FileNotFoundError(
-                f"data.root={self.root} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)"
+                f"data.root={self.root} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}, any case, "
+                "searched recursively)"
             )
-        hp = self.hparams
-        train_full = ImageFolderDataset(self.root, paths, art_transform(hp.image_size, hp.channels, hp.hflip))
-        val_full = ImageFolderDataset(self.root, paths, art_transform(hp.image_size, hp.channels, hflip=False))
+        if self.cache_dir is not None:
+            log.info("image cache for %s at %d px: %s", self.root, hp.image_size, self.cache_dir / f"{hp.image_size}px")
+        size, cache = hp.image_size, self.cache_dir
+        train_full = ImageFolderDataset(self.root, paths, art_transform(size, hp.channels, hp.hflip), size, cache)
+        val_full = ImageFolderDataset(self.root, paths, art_transform(size, hp.channels, hflip=False), size, cache)
         self.classes = train_full.classes
         n_val = round(len(paths) * hp.val_fraction)
         if n_val == 0 or n_val >= len(paths):

@@ -80,8 +80,9 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
     calls :meth:`ensure_class_images` at fit start) and cached there as PNGs for later runs.
 
     Args:
-        root, image_size, batch_size, val_fraction, num_workers, seed, hflip, check_images, pin_memory: as in
-            :class:`ArtFolderDataModule` (RGB only).
+        root, image_size, batch_size, val_fraction, num_workers, seed, hflip, check_images, pin_memory, cache,
+            cache_dir: as in :class:`ArtFolderDataModule` (RGB only; the same file reading, see
+            :mod:`atelier.data.image_io`).
         instance_prompt: caption of images without a sidecar ``.txt``.
         class_prompt: DreamBooth class prompt (e.g. ``"a painting"``); ``None`` turns prior preservation off.
         class_data_dir: cache folder of the class images.
@@ -97,12 +98,13 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
     def __init__(self, root: str, image_size: int = 512, batch_size: int = 4, val_fraction: float = 0.0,
                  num_workers: int = 0, seed: int = 0, hflip: bool = True, check_images: bool = True,
                  pin_memory: bool = False, instance_prompt: str | None = None, class_prompt: str | None = None,
-                 class_data_dir: str | None = None, num_class_images: int = 100, channels: int = 3) -> None:
+                 class_data_dir: str | None = None, num_class_images: int = 100, channels: int = 3,
+                 cache: bool = False, cache_dir: str | None = None) -> None:
         if channels != 3:
             raise ValueError(f"data.channels={channels} is not allowed; Stable Diffusion images are RGB (3)")
         super().__init__(root=root, image_size=image_size, channels=3, batch_size=batch_size,
                          val_fraction=val_fraction, num_workers=num_workers, seed=seed, hflip=hflip,
-                         check_images=check_images, pin_memory=pin_memory)
+                         check_images=check_images, pin_memory=pin_memory, cache=cache, cache_dir=cache_dir)
         if class_prompt is not None and (class_data_dir is None or num_class_images < 1):
             raise ValueError("data.class_prompt needs data.class_data_dir and data.num_class_images >= 1")
         self.class_dir = Path(class_data_dir).expanduser() if class_data_dir else None
@@ -151,7 +153,8 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
         if self.prior_preservation:
             paths = self.class_image_paths()
             if len(paths) >= hp.num_class_images and self.class_dir is not None:
-                class_set = ImageFolderDataset(self.class_dir, paths, art_transform(hp.image_size, 3, hp.hflip))
+                class_set = ImageFolderDataset(self.class_dir, paths, art_transform(hp.image_size, 3, hp.hflip),
+                                               hp.image_size)
         for name in ("train_set", "val_set"):
             subset = getattr(self, name)
             if isinstance(subset.dataset, CaptionedDataset) and (name == "val_set" or not self.prior_preservation
