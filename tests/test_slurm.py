@@ -175,3 +175,66 @@ def test_time_limit_requeues_until_done(tmp_path: Path, slurm_cluster: dict[str,
     assert restarts >= 1
     _check_final(sweep, job, max_steps, slurm_cluster, restarts=restarts)
     assert "this job is timed-out" in job_logs(sweep, job)
+
+
+SLURM_SEARCH = """\
+# @package _global_
+defaults:
+  - override /hydra/sweeper: atelier_optuna
+  - override /hydra/sweeper/sampler: random
+optimized_metric: val/loss
+hydra:
+  sweeper:
+    storage: sqlite:///{db}
+    study_name: slurm_study
+    direction: minimize
+    n_trials: 3
+    n_jobs: 3
+    max_failure_rate: 1.0
+    sampler:
+      seed: 6
+    params:
+      model.net.norm_num_groups: choice(8, 3)
+"""
+
+
+def test_optuna_sweep_on_slurm_with_a_failed_and_a_preempted_trial(tmp_path: Path, slurm_cluster: dict[str, str],
+                                                                   mnist_available) -> None:
+    """3 trials as one SLURM array: norm_num_groups=3 raises (16 channels), the random sampler's seed 6 draws
+    8, 8, 3; trial 0 is preempted (USR2) once it has a checkpoint and counts as COMPLETE after its requeued
+    attempt finishes, with that attempt's val/loss as its value."""
+    import optuna
+
+    db = tmp_path / "study.db"
+    search_dir = tmp_path / "configs" / "hparams_search"
+    search_dir.mkdir(parents=True)
+    (search_dir / "slurm_search.yaml").write_text(SLURM_SEARCH.format(db=db))
+    args = [a for a in _args(400, "callbacks.model_checkpoint.every_n_train_steps=50")
+            if not a.startswith("model.net.norm_num_groups=")]
+    sweep = tmp_path / "sweep"
+    log_file = tmp_path / "submitter.log"
+    proc = _start([*args, "hparams_search=slurm_search", f"hydra.searchpath=[file://{tmp_path / 'configs'}]",
+                   f"hydra.sweep.dir={sweep}"], _env(tmp_path, slurm_cluster), log_file)
+    wait_until(lambda: len(job_ids(sweep)) == 3, 120, "the array's submission", proc, log_file)
+    first = job_ids(sweep)[0]
+    wait_until(lambda: (sweep / "0" / "checkpoints" / "step_0000050.ckpt").exists(), 300, "trial 0 at step 50",
+               proc, log_file)
+    subprocess.run(["scancel", "--signal=USR2", first], env={**train_env(tmp_path), **slurm_cluster}, check=True,
+                   timeout=30)
+    _wait_submitter(proc, log_file, 500)
+
+    study = optuna.load_study(study_name="slurm_study", storage=f"sqlite:///{db}")
+    states = {t.number: t.state for t in study.trials}
+    assert sorted(s.name for s in states.values()) == ["COMPLETE", "COMPLETE", "FAIL"], states
+    for trial in study.trials:
+        ok = trial.params["model.net.norm_num_groups"] == 8
+        assert trial.state == (optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL)
+        if ok:
+            metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+            assert trial.value == pytest.approx(metrics["val/loss"]) and metrics["global_step"] == 400
+        else:
+            assert "norm_num_groups" in trial.user_attrs["fail_reason"] or "divisible" in \
+                trial.user_attrs["fail_reason"], trial.user_attrs
+    assert int(finished_job(first, slurm_cluster)["Restarts"]) == 1  # trial 0 was requeued, and completed
+    assert len(RESUMED.findall(job_logs(sweep, first))) == 1
+    assert (sweep / "optimization_results.yaml").exists()
