@@ -23,6 +23,9 @@ def main(cfg: DictConfig) -> float | None:
     from atelier.tasks.train import metric_value, run
 
     if in_multirun():
+        from atelier.utils.launchers import check_ddp_multirun
+
+        check_ddp_multirun(cfg)  # DDP jobs in a multirun: launcher=slurm only (clear error otherwise)
         # Lightning's DDP launcher re-runs the command line per rank: make it the job's, not the sweep's
         relaunch_ranks_into_job_dir(__file__)
     # in an Optuna sweep a NaN objective raises, so the sweeper records a failed trial and goes on

@@ -1,21 +1,19 @@
-"""Preemption-safe training: a run killed with SIGKILL resumes from its own last checkpoint when relaunched into
-its directory, and a (simulated) SLURM job checkpoints and requeues itself on SIGUSR1 through Lightning's
-SLURMEnvironment, then resumes and reaches the same final step and W&B run."""
+"""Preemption-safe training outside a scheduler: a run killed with SIGKILL resumes from its own last checkpoint
+when relaunched into its directory; SIGTERM and the warning signal (USR2) stop it at the next step with a
+checkpoint and a W&B run marked preempted. The same on a real SLURM cluster, with requeueing: tests/test_slurm.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import stat
 from pathlib import Path
 
-import pytest
 import torch
 
 from atelier.utils.loggers import run_id
 from tests.scale_out_utils import run_train, start_train, tiny_args, train_env, wait_for, wandb_run_ids
+from tests.slurm_utils import wandb_record_types
 
 MAX_STEPS = 60
 LONG = ["logger=[wandb,csv]", f"trainer.max_steps={MAX_STEPS}", "trainer.max_epochs=-1",
@@ -61,53 +59,6 @@ def test_kill_9_then_relaunch_resumes_from_last_ckpt(tmp_path: Path, mnist_avail
     assert _metrics(run_dir)["global_step"] == MAX_STEPS // 6
 
 
-def _fake_scontrol(bin_dir: Path, record: Path) -> None:
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    script = bin_dir / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\nexit 0\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-
-
-def _slurm_env(tmp_path: Path, record: Path, job_id: str = "4242") -> dict[str, str]:
-    """A single-task SLURM job as Lightning's SLURMEnvironment sees it, with a fake `scontrol` on PATH."""
-    bin_dir = tmp_path / "bin"
-    _fake_scontrol(bin_dir, record)
-    return train_env(tmp_path / "outputs", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=job_id,
-                     SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NAME="atelier", SLURM_PROCID="0",
-                     SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NNODES="1", SLURM_NODELIST="localhost",
-                     SLURM_JOB_NUM_NODES="1")
-
-
-@pytest.mark.slow
-def test_sigusr1_on_slurm_checkpoints_requeues_and_resumes(tmp_path: Path, mnist_available) -> None:
-    run_dir = tmp_path / "run"
-    record = tmp_path / "scontrol_calls.txt"
-    env = _slurm_env(tmp_path, record)
-    args = tiny_args("ddpm", *LONG, "callbacks.model_checkpoint.every_n_train_steps=5", f"hydra.run.dir={run_dir}")
-    proc = start_train(args, env, tmp_path / "job.log")
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step_0000005.ckpt").exists(), proc, 240, "training to start",
-                 tmp_path / "job.log")
-        proc.send_signal(signal.SIGUSR1)  # what SLURM sends signal_delay_s before the time limit
-        wait_for(lambda: record.exists() and hpc.exists(), proc, 60, "hpc checkpoint and scontrol requeue",
-                 tmp_path / "job.log")
-    finally:
-        proc.send_signal(signal.SIGKILL)  # SLURM kills the requeued job
-        proc.wait(30)
-    assert record.read_text().split() == ["requeue", "4242"]
-    assert "SLURM auto-requeueing enabled" in (tmp_path / "job.log").read_text()
-    saved = _step(hpc)
-    assert saved > 0
-    # the requeued job: same command line, same SLURM job id -> same directory, newest checkpoint, same W&B run
-    relaunch = run_train(args, env)
-    match = re.search(r"Resuming from the run's own checkpoint (\S+) \(global step (\d+)", relaunch.stdout)
-    assert match, relaunch.stdout[-3000:]
-    assert int(match.group(2)) >= saved
-    assert _metrics(run_dir)["global_step"] == MAX_STEPS
-    assert wandb_run_ids(run_dir) == {run_id(run_dir)}
-
-
 def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path: Path, mnist_available) -> None:
     """Outside SLURM (or a preemption without warning): SIGTERM stops after the current step with last.ckpt."""
     run_dir = tmp_path / "run"
@@ -127,3 +78,34 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path: Path, mnist_availab
     assert last.exists(), (tmp_path / "job.log").read_text()[-3000:]
     assert 0 < _step(last) < MAX_STEPS
     assert not (run_dir / "metrics.json").exists()
+    assert "Received SIGTERM: checkpointing at the end of this step" in (tmp_path / "job.log").read_text()
+
+
+def test_warning_signal_without_submitit_checkpoints_and_stops(tmp_path: Path, mnist_available) -> None:
+    """USR2 (submitit's signal) on a plain run: checkpoint at the next step, W&B marked preempting and finished
+    while wandb-core is alive, exit (no submitit to requeue), and a relaunch resumes to max_steps."""
+    run_dir = tmp_path / "run"
+    args = tiny_args("ddpm", *LONG, "callbacks.model_checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run_dir}")
+    env = train_env(tmp_path / "outputs")
+    proc = start_train(args, env, tmp_path / "job.log")
+    try:
+        wait_for(lambda: "train/loss" in (run_dir / "csv" / "metrics.csv").read_text()
+                 if (run_dir / "csv" / "metrics.csv").exists() else False, proc, 240, "the first logged steps",
+                 tmp_path / "job.log")
+        proc.send_signal(signal.SIGUSR2)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log_text = (tmp_path / "job.log").read_text()
+    assert proc.returncode == 128 + signal.SIGUSR2, log_text[-3000:]
+    assert "Traceback" not in log_text, log_text[-3000:]
+    stopped_at = _step(run_dir / "checkpoints" / "last.ckpt")
+    assert 0 < stopped_at < MAX_STEPS
+    kinds = wandb_record_types(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert {"history", "preempting", "exit"} <= set(kinds), kinds
+    relaunch = run_train(args, env)
+    match = re.search(r"Resuming from the run's own checkpoint (\S+) \(global step (\d+)", relaunch.stdout)
+    assert match and int(match.group(2)) == stopped_at, relaunch.stdout[-3000:]
+    assert _metrics(run_dir)["global_step"] == MAX_STEPS
+    assert wandb_run_ids(run_dir) == {run_id(run_dir)}

@@ -238,3 +238,23 @@ def test_optuna_sweep_on_slurm_with_a_failed_and_a_preempted_trial(tmp_path: Pat
     assert int(finished_job(first, slurm_cluster)["Restarts"]) == 1  # trial 0 was requeued, and completed
     assert len(RESUMED.findall(job_logs(sweep, first))) == 1
     assert (sweep / "optimization_results.yaml").exists()
+
+
+def test_multirun_of_ddp_jobs(tmp_path: Path, slurm_cluster: dict[str, str], mnist_available) -> None:
+    """`-m seed=1,2 trainer=ddp_sim` with 2 SLURM tasks per job: srun starts both ranks of each job, which train
+    together (gloo) in that job's directory; one W&B run and rank-0 files per job."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in _args(4) if a not in ("trainer=cpu", "trainer.precision=32-true")]
+    run_train([*args, "trainer=ddp_sim", "trainer.devices=2", "hydra.launcher.tasks_per_node=2", "seed=1,2",
+               f"hydra.sweep.dir={sweep}"], _env(tmp_path, slurm_cluster), timeout=400)
+    jobs = job_ids(sweep)
+    assert len(jobs) == 2, jobs
+    for job, num in zip(jobs, ("0", "1"), strict=True):
+        d = sweep / num
+        assert json.loads((d / "metrics.json").read_text())["global_step"] == 4
+        assert wandb_run_ids(d) == {run_id(d)}
+        logs = "".join(p.read_text() for p in (sweep / ".submitit" / job).glob("*_log.*"))
+        assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
+        assert "Traceback" not in logs
+        assert finished_job(job, slurm_cluster).get("JobState") == "COMPLETED"
+    assert not (tmp_path / "outputs" / "train").exists() or not list((tmp_path / "outputs" / "train").glob("*/*"))
