@@ -1,16 +1,22 @@
-"""Training and sampling throughput: Atelier (Lightning) vs a plain PyTorch loop, same UNet and batch.
+"""Training and sampling throughput: Atelier (Lightning) vs a plain PyTorch loop, same UNet and batch, in fp32
+and bf16 autocast.
 
-    python scripts/bench_train.py                      # the ddpm_mnist_cpu network, batch 64, 28 px
+    python scripts/bench_train.py                      # the ddpm_mnist_cpu network, batch 64, 28 px, both precisions
     python scripts/bench_train.py --steps 50 --batch-size 128 --channels 32 64 64
+    python scripts/bench_train.py --precision 32-true  # fp32 only
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python scripts/bench_train.py --skip-sampling   # as if the CPU had no AMX
 
-Prints training images/s through Lightning and through a raw loop doing the same work per step (diffusion
-loss, AdamW, gradient clipping, EMA update), their ratio, and sampling seconds per image for DDPM-1000
-(extrapolated from a shorter run, the cost per step being constant) and DDIM-50.
+Prints the CPU's bf16 flags and what ``trainer=cpu`` would pick (:mod:`atelier.utils.precision`); per precision,
+training images/s through Lightning (``precision=32-true`` / ``bf16-mixed``) and through a raw loop doing the same
+work per step (diffusion loss under the same autocast, AdamW, gradient clipping, EMA update), their ratio, the
+bf16 / fp32 ratios, and sampling seconds per image for DDPM-1000 (extrapolated from a shorter run, the cost per
+step being constant), DDIM-50 and DPM-Solver++-25, with the network under bf16 autocast for ``bf16-mixed``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -27,6 +33,16 @@ sys.path.insert(0, str(ROOT / "src"))
 from atelier.data.mnist import MNISTDataModule  # noqa: E402
 from atelier.models.ddpm import DDPM  # noqa: E402
 from atelier.nets.unet import build_unet  # noqa: E402
+from atelier.utils.precision import BF16_MATRIX_FLAGS, BF16_VECTOR_FLAGS, cpu_flags, cpu_precision  # noqa: E402
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the CPU for ``bf16-mixed`` (what Lightning's precision plugin does), else nothing."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def make_model(args: argparse.Namespace) -> DDPM:
@@ -51,17 +67,17 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace) -> float:
+def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str) -> float:
     model = make_model(args)
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.warmup + args.steps,
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=args.warmup + args.steps,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
     trainer.fit(model, train_dataloaders=loader)
     return args.steps * args.batch_size / (timer.end - timer.start)
 
 
-def raw_images_per_s(loader: DataLoader, args: argparse.Namespace) -> float:
+def raw_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str) -> float:
     model = make_model(args)
     model.train()
     opt = torch.optim.AdamW(model.net.parameters(), lr=1e-3)
@@ -70,7 +86,8 @@ def raw_images_per_s(loader: DataLoader, args: argparse.Namespace) -> float:
         if i == args.warmup:
             start = time.perf_counter()
         x0 = next(it)[0]
-        loss = model.diffusion_loss(x0)
+        with autocast(precision):
+            loss = model.diffusion_loss(x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.net.parameters(), 1.0)
@@ -79,16 +96,34 @@ def raw_images_per_s(loader: DataLoader, args: argparse.Namespace) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
-def sampling_seconds_per_image(args: argparse.Namespace) -> dict[str, float]:
+def sampling_seconds_per_image(args: argparse.Namespace, precision: str) -> dict[str, float]:
     model = make_model(args)
     n = args.sample_n
     out = {}
     for name, sampler, steps, scale in (("DDPM-1000 (from 100 steps)", "ddpm", 100, 10.0),
                                         ("DDIM-50", "ddim", 50, 1.0), ("DPM-Solver++-25", "dpmpp", 25, 1.0)):
         start = time.perf_counter()
-        model.sample(n, generator=torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=steps)
+        with autocast(precision):  # the scheduler's arithmetic stays fp32 (atelier.sampling.loop)
+            model.sample(n, generator=torch.Generator().manual_seed(0), sampler=sampler, num_inference_steps=steps)
         out[name] = (time.perf_counter() - start) * scale / n
     return out
+
+
+def cpu_line() -> str:
+    """The CPU model, its bf16 flags and what ``trainer=cpu`` picks on it."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "?")
+    flags = cpu_flags()
+    found = [f for f in (*BF16_MATRIX_FLAGS, *BF16_VECTOR_FLAGS, "amx_tile", "avx512f", "avx2") if f in flags]
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"CPU {model}; flags {' '.join(found) or '(none of interest)'}"
+            f"{f'; ONEDNN_MAX_CPU_ISA={isa}' if isa else ''}; trainer=cpu picks {cpu_precision(flags)}")
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def main() -> None:
@@ -100,6 +135,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--sample-n", type=int, default=64)
+    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
+                        help="Lightning precisions to time (default: both)")
+    parser.add_argument("--repeats", type=int, default=2, help="plain-loop runs per precision (best is used)")
+    parser.add_argument("--skip-sampling", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("ATELIER_DATA_DIR", str(ROOT / "data")))
     args = parser.parse_args()
 
@@ -112,15 +151,26 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, UNet {args.channels} x{args.layers}, "
           f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps")
-    raw = raw_images_per_s(loader, args)
-    lit = lightning_images_per_s(loader, args)
-    raw2 = raw_images_per_s(loader, args)  # again, to see the run-to-run spread
-    raw_best = max(raw, raw2)
-    print(f"plain PyTorch loop : {raw:8.1f} / {raw2:.1f} images/s")
-    print(f"Atelier (Lightning): {lit:8.1f} images/s")
-    print(f"Lightning / plain  : {lit / raw_best:8.3f}  (overhead {100 * (1 - lit / raw_best):+.1f}%)")
-    for name, sec in sampling_seconds_per_image(args).items():
-        print(f"sampling {name:28s}: {sec:.4f} s/image")
+    print(cpu_line(), flush=True)
+    results: dict[str, dict[str, float]] = {}
+    for precision in args.precision:
+        raws = [raw_images_per_s(loader, args, precision) for _ in range(max(1, args.repeats))]
+        lit = lightning_images_per_s(loader, args, precision)
+        raw_best = max(raws)
+        results[precision] = {"raw": raw_best, "lightning": lit}
+        print(f"[{precision}] plain PyTorch loop : {' / '.join(f'{r:.1f}' for r in raws)} images/s")
+        print(f"[{precision}] Atelier (Lightning): {lit:8.1f} images/s")
+        overhead = 100 * (1 - lit / raw_best)
+        print(f"[{precision}] Lightning / plain  : {lit / raw_best:8.3f}  (overhead {overhead:+.1f}%)", flush=True)
+    if set(PRECISIONS) <= set(results):
+        fp32, bf16 = results["32-true"], results["bf16-mixed"]
+        print(f"bf16 / fp32 training: Lightning {bf16['lightning'] / fp32['lightning']:.2f}x "
+              f"({fp32['lightning']:.1f} -> {bf16['lightning']:.1f} images/s), plain loop "
+              f"{bf16['raw'] / fp32['raw']:.2f}x ({fp32['raw']:.1f} -> {bf16['raw']:.1f} images/s)")
+    if not args.skip_sampling:
+        for precision in args.precision:
+            for name, sec in sampling_seconds_per_image(args, precision).items():
+                print(f"[{precision}] sampling {name:28s}: {sec:.4f} s/image", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from atelier.utils.hydra_jobs import register_resolvers
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -20,6 +22,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 DATA_DIR = Path(os.environ["ATELIER_DATA_DIR"])
+
+# the resolvers the entry points register (${atelier.mkdir:...}, ${atelier.cpu_precision:} in trainer/cpu.yaml)
+register_resolvers()
 
 # A UNet small enough for a CPU test step in well under a second.
 TINY_DDPM = [

@@ -6,6 +6,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
+from atelier.utils.precision import cpu_precision
 from tests.conftest import CONFIGS, compose_cfg
 
 # groups of train.yaml; feature_extractor belongs to evaluate.yaml and the FID callback
@@ -68,7 +69,7 @@ def test_model_and_data_instantiate(data: str, tmp_path) -> None:
 def test_experiment_overrides_only_what_differs(tmp_path) -> None:
     cfg = compose_cfg("train", ["experiment=ddpm_mnist_cpu"], tmp_path)
     assert cfg.task_name == "ddpm_mnist_cpu"
-    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == cpu_precision()  # the hardware rule
     assert cfg.data.image_size == 28
     assert cfg.model.net.image_size == 28  # follows data.image_size by interpolation
 

@@ -16,6 +16,7 @@ from torch import nn
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
 from atelier.sampling.guidance import drop_labels, guided_prediction, rows_per_class
+from atelier.sampling.loop import reverse_diffusion, sampling_autocast_dtype
 from atelier.sampling.schedulers import SAMPLERS, make_scheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -65,8 +66,10 @@ class DDPM(LightningModule):
         min_snr_gamma: γ of min-SNR loss weighting (Hang et al. 2023); ``None`` for the plain MSE.
         ema_decay: maximum EMA decay; ``ema_warmup`` ramps it as ``(1 + n) / (10 + n)``.
         ema_warmup: whether to warm the EMA decay up.
-        sampler: default sampler name for :meth:`sample` (``ddpm``, ``ddim``, ``dpmpp``).
-        num_inference_steps: default number of sampler steps (NFE for ddpm/ddim).
+        sampler: default sampler name for :meth:`sample`, one of
+            :data:`atelier.sampling.schedulers.SAMPLERS` (``ddpm``, ``ddim``, ``dpmpp``, ``dpmpp_3m``,
+            ``dpmpp_sde``, ``dpmpp_3m_sde``, ``unipc``, ``euler_a``, ``sa_solver``; ``docs/samplers.md``).
+        num_inference_steps: default number of sampler steps (= NFE for every sampler).
         num_classes: classes of a class-conditional model (``None``: unconditional). The network must embed
             ``num_classes + 1`` labels, the last being the null class; batches must be ``(images, labels)``.
         cond_drop_prob: probability of replacing a training label by the null class, which trains the
@@ -222,14 +225,20 @@ class DDPM(LightningModule):
         use_ema: bool = True,
         labels: torch.Tensor | None = None,
         guidance_scale: float | None = None,
+        autocast: bool = False,
     ) -> torch.Tensor:
         """Draw ``n`` images by reverse diffusion, with classifier-free guidance for conditional models.
 
         Args:
             n: number of images.
-            generator: CPU ``torch.Generator`` for the initial noise (and ancestral noise); same seed, same images.
-            sampler: ``ddpm`` (ancestral, NFE = steps), ``ddim`` or ``dpmpp``; defaults to ``hparams.sampler``.
-            num_inference_steps: sampler steps (NFE); defaults to ``hparams.num_inference_steps``.
+            generator: CPU ``torch.Generator`` for the initial noise and for every stochastic sampler's noise
+                (ancestral, SDE); same seed, same images.
+            sampler: a name of :data:`atelier.sampling.schedulers.SAMPLERS` (``ddpm``, ``ddim``, ``dpmpp``,
+                ``dpmpp_3m``, ``dpmpp_sde``, ``dpmpp_3m_sde``, ``unipc``, ``euler_a``, ``sa_solver``); defaults to
+                ``hparams.sampler``.
+            num_inference_steps: sampler steps (= NFE for every sampler); defaults to
+                ``hparams.num_inference_steps``. ``ddpm`` with fewer than ``num_train_timesteps`` steps is strided
+                ancestral sampling.
             eta: DDIM stochasticity (0 = deterministic); ignored by other samplers.
             batch_size: images per network call.
             use_ema: sample with the EMA weights (default) or the raw training weights.
@@ -237,6 +246,8 @@ class DDPM(LightningModule):
                 images per class (:func:`atelier.sampling.guidance.rows_per_class`).
             guidance_scale: classifier-free guidance scale ``w`` (0: unconditional, 1: conditional); defaults to
                 ``hparams.guidance_scale``. With ``w ∉ {0, 1}`` each step evaluates the network on ``2B`` images.
+            autocast: run the network under bf16 autocast where that pays (a CPU with bf16 matrix units, a GPU with
+                bf16; :func:`atelier.sampling.loop.sampling_autocast_dtype`); default fp32.
 
         Returns:
             ``(n, C, H, W)`` float32 tensor in ``[-1, 1]`` on this module's device.
@@ -253,23 +264,21 @@ class DDPM(LightningModule):
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
+        dtype = sampling_autocast_dtype(self.device) if autocast else None
         out = []
         try:
             for start in range(0, n, batch_size):
                 b = min(batch_size, n - start)
-                scheduler.set_timesteps(steps, device=self.device)
-                x = randn_tensor((b, *self.image_shape), generator=generator, device=self.device)
-                x = x * scheduler.init_noise_sigma
-                extra = {"eta": eta} if sampler == "ddim" else {}
+                noise = randn_tensor((b, *self.image_shape), generator=generator, device=self.device)
                 y = None if labels is None else labels[start:start + b]
-                for t in scheduler.timesteps:
-                    model_in = scheduler.scale_model_input(x, t)
+
+                def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = y) -> torch.Tensor:
                     if y is None:
-                        pred = self.predict(net, model_in, t.expand(b))
-                    else:
-                        pred = guided_prediction(lambda x_, t_, y_: self.predict(net, x_, t_, y_),
-                                                 model_in, t.expand(b), y, self.num_classes, w)
-                    x = scheduler.step(pred, t, x, generator=generator, **extra).prev_sample
+                        return self.predict(net, x, t)
+                    return guided_prediction(lambda x_, t_, y_: self.predict(net, x_, t_, y_), x, t, y,
+                                             self.num_classes, w)
+
+                x = reverse_diffusion(scheduler, denoise, noise, steps, generator, eta, dtype)
                 out.append(x.clamp(-1, 1).float())
         finally:
             net.train(was_training)

@@ -15,11 +15,21 @@ def _mkdir(path: str) -> str:
     return path
 
 
+def _cpu_precision() -> str:
+    from atelier.utils.precision import cpu_precision  # imports torch: only when a config asks for it
+
+    return cpu_precision()
+
+
 def register_resolvers() -> None:
     """``${atelier.mkdir:<dir>}``: creates ``<dir>`` and returns it (e.g. for the Optuna SQLite storage, whose
-    folder must exist before the sweeper opens it). Safe to call more than once."""
+    folder must exist before the sweeper opens it). ``${atelier.cpu_precision:}``: ``bf16-mixed`` on a CPU with
+    bf16 matrix units, else ``32-true`` (:func:`atelier.utils.precision.cpu_precision`; ``configs/trainer/cpu.yaml``).
+    Safe to call more than once."""
     if not OmegaConf.has_resolver("atelier.mkdir"):
         OmegaConf.register_new_resolver("atelier.mkdir", _mkdir)
+    if not OmegaConf.has_resolver("atelier.cpu_precision"):
+        OmegaConf.register_new_resolver("atelier.cpu_precision", _cpu_precision)
 
 
 KEPT_HYDRA_OVERRIDES = ("hydra.searchpath", "hydra.job.chdir", "hydra.verbose", "hydra.job_logging",
