@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("ckpts", nargs="+", help="checkpoints (same dataset)")
     parser.add_argument("--sampler", default=None, help="diffusion sampler for every DDPM (default: its own)")
     parser.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the model's)")
+    parser.add_argument("--sampling-prior", choices=["gmm", "standard"], default=None,
+                        help="VAE latent prior (default: the model's own)")
     extractor_args(parser)
     args = parser.parse_args()
 
@@ -41,7 +43,8 @@ def main() -> None:
     rows = []
     for ckpt in map(Path, args.ckpts):
         model = load_module(ckpt).to(args.device)
-        result = evaluator.evaluate(model, {"sampler": args.sampler, "num_inference_steps": args.steps})
+        result = evaluator.evaluate(model, {"sampler": args.sampler, "num_inference_steps": args.steps,
+                                            "sampling_prior": args.sampling_prior})
         run = ckpt.resolve().parent.parent
         rows.append({"model": type(model).__name__, "run": f"{run.parent.parent.name}/{run.name}",
                      "params": f"{sampling_params(model) / 1e6:.2f} M", "train s": fit_seconds(ckpt),

@@ -89,7 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.get("reference_size"), cfg.get("cache_dir"), cfg.get("kid_subset_size"), int(cfg.kid_subsets),
         int(cfg.is_splits), int(cfg.batch_size), int(cfg.seed), device,
     )
-    sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale")}
+    sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale",
+                                                                     "sampling_prior")}
     classes = getattr(model, "num_classes", None)
     if isinstance(classes, int):  # conditional: balanced labels, and the classifier's conditional accuracy
         sample_kwargs["labels"] = torch.arange(int(cfg.num_samples)) % classes

@@ -86,7 +86,8 @@ def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     ``class_labels`` / ``class_label`` become ``labels`` (:func:`requested_labels`); ``guidance_scale`` is
     passed to models that take it (class-conditional DDPMs).
     """
-    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale")}
+    options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale",
+                                          "sampling_prior")}
     options["labels"] = requested_labels(cfg)
     return accepted_kwargs(model, options)
 
