@@ -55,13 +55,16 @@ def _start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.P
     return start_train(args, env, log_file)
 
 
-def _check_final(sweep: Path, job: str, max_steps: int, cluster: dict[str, str],
+def _check_final(sweep: Path, job: str, max_steps: int | None, cluster: dict[str, str],
                  restarts: int = 1) -> list[list[str]]:
     """The assertions every interrupted-and-requeued job must pass; returns the record types of each W&B
-    attempt (offline transaction logs, oldest first)."""
+    attempt (offline transaction logs, oldest first). ``max_steps`` None: the run ended on ``trainer.max_time``
+    (whose clock Lightning keeps in the checkpoint across attempts)."""
     run_dir = sweep / "0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["global_step"] == max_steps
+    if max_steps is not None:
+        assert metrics["global_step"] == max_steps
+    final_step = metrics["global_step"]
     info = finished_job(job, cluster)
     assert info.get("JobState") == "COMPLETED", info
     assert int(info["Restarts"]) == restarts, info
@@ -70,7 +73,7 @@ def _check_final(sweep: Path, job: str, max_steps: int, cluster: dict[str, str],
     resumed = RESUMED.findall(logs)
     assert len(resumed) == restarts, logs[-6000:]
     assert Path(resumed[-1][0]).parent.parent == run_dir  # the same run directory
-    assert 0 < int(resumed[-1][1]) < max_steps
+    assert 0 < int(resumed[-1][1]) < final_step  # resumed, then trained on
     # one W&B run, continued; the interrupted attempt was marked preempting and finished
     assert wandb_run_ids(run_dir) == {run_id(run_dir)}
     attempts = [wandb_record_types(f) for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
@@ -131,7 +134,7 @@ def test_grid_multirun_two_jobs(tmp_path: Path, slurm_cluster: dict[str, str], m
 def test_preemption_with_warning_requeues_and_resumes(tmp_path: Path, slurm_cluster: dict[str, str],
                                                       mnist_available) -> None:
     """``scancel --signal=USR2``: what SLURM sends before a preemption (preempt_send_user_signal)."""
-    max_steps = 400
+    max_steps = 200
     sweep, job, proc, log_file = _submit_and_interrupt(tmp_path, slurm_cluster, max_steps,
                                                        ["scancel", "--signal=USR2"])
     _wait_submitter(proc, log_file, 300)
@@ -147,7 +150,7 @@ def test_preemption_with_warning_requeues_and_resumes(tmp_path: Path, slurm_clus
 def test_preemption_without_warning_sigterm(tmp_path: Path, slurm_cluster: dict[str, str],
                                             mnist_available) -> None:
     """``scontrol requeue``: SIGTERM to every process of the job step (wandb-core too), no warning."""
-    max_steps = 400
+    max_steps = 200
     sweep, job, proc, log_file = _submit_and_interrupt(tmp_path, slurm_cluster, max_steps, ["scontrol", "requeue"])
     _wait_submitter(proc, log_file, 300)
     attempts = _check_final(sweep, job, max_steps, slurm_cluster)
@@ -159,22 +162,25 @@ def test_preemption_without_warning_sigterm(tmp_path: Path, slurm_cluster: dict[
     assert "re-attaching the run to mark it preempted" in logs
 
 
-def test_time_limit_requeues_until_done(tmp_path: Path, slurm_cluster: dict[str, str], mnist_available) -> None:
-    """``timeout_min=1``: USR2 comes ``signal_delay_s`` before the limit (SLURM may send it up to a minute early),
-    the job checkpoints and is requeued (a time-out, counted against ``max_num_timeout``) until it finishes."""
-    max_steps = 3000
+def test_time_limit_requeues_and_finishes(tmp_path: Path, slurm_cluster: dict[str, str], mnist_available) -> None:
+    """``timeout_min=1``: USR2 comes ``signal_delay_s`` = 20 s before the limit (SLURM may send it up to a minute
+    early, so an attempt may train anywhere from 0 to ~35 s); the job checkpoints and submitit requeues it as a
+    time-out (counted against ``max_num_timeout``). The training itself is 40 s of ``trainer.max_time`` (Lightning
+    keeps that clock in the checkpoint), so the first attempt never finishes it and a requeued one does."""
     sweep = tmp_path / "sweep"
     log_file = tmp_path / "submitter.log"
-    proc = _start(_args(max_steps, "callbacks.model_checkpoint.every_n_train_steps=100",
+    proc = _start(_args(100_000, "trainer.max_time=00:00:00:40", "callbacks.model_checkpoint.every_n_train_steps=100",
                         "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
-                        "hydra.launcher.max_num_timeout=8", f"hydra.sweep.dir={sweep}"),
+                        "hydra.launcher.max_num_timeout=4", f"hydra.sweep.dir={sweep}"),
                   _env(tmp_path, slurm_cluster), log_file)
-    _wait_submitter(proc, log_file, 560)
+    _wait_submitter(proc, log_file, 500)
     job = job_ids(sweep)[0]
     restarts = int(scontrol_job(job, slurm_cluster)["Restarts"])
     assert restarts >= 1
-    _check_final(sweep, job, max_steps, slurm_cluster, restarts=restarts)
-    assert "this job is timed-out" in job_logs(sweep, job)
+    _check_final(sweep, job, None, slurm_cluster, restarts=restarts)
+    logs = job_logs(sweep, job)
+    assert "this job is timed-out" in logs and "remaining timeouts)" in logs
+    assert "Time limit reached" in logs
 
 
 SLURM_SEARCH = """\
@@ -209,7 +215,7 @@ def test_optuna_sweep_on_slurm_with_a_failed_and_a_preempted_trial(tmp_path: Pat
     search_dir = tmp_path / "configs" / "hparams_search"
     search_dir.mkdir(parents=True)
     (search_dir / "slurm_search.yaml").write_text(SLURM_SEARCH.format(db=db))
-    args = [a for a in _args(400, "callbacks.model_checkpoint.every_n_train_steps=50")
+    args = [a for a in _args(200, "callbacks.model_checkpoint.every_n_train_steps=50")
             if not a.startswith("model.net.norm_num_groups=")]
     sweep = tmp_path / "sweep"
     log_file = tmp_path / "submitter.log"
@@ -231,7 +237,7 @@ def test_optuna_sweep_on_slurm_with_a_failed_and_a_preempted_trial(tmp_path: Pat
         assert trial.state == (optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL)
         if ok:
             metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
-            assert trial.value == pytest.approx(metrics["val/loss"]) and metrics["global_step"] == 400
+            assert trial.value == pytest.approx(metrics["val/loss"]) and metrics["global_step"] == 200
         else:
             assert "norm_num_groups" in trial.user_attrs["fail_reason"] or "divisible" in \
                 trial.user_attrs["fail_reason"], trial.user_attrs

@@ -134,9 +134,10 @@ def test_sd_samplers_share_the_ddpm_names_without_pixel_thresholding(tiny_sd: Pa
     config = json.loads((tiny_sd / "scheduler" / "scheduler_config.json").read_text())
     for name in SD_SAMPLERS:
         scheduler = make_sd_scheduler(name, config)
-        assert scheduler.config.thresholding is False
+        assert scheduler.config.get("thresholding", False) is False
+        assert scheduler.config.get("clip_sample", False) is False
         assert scheduler.config.beta_schedule == "scaled_linear"
-    assert SAMPLERS["dpmpp"][1]["thresholding"] is True  # the pixel-space DDPM's, which SD must not use
+    assert SAMPLERS["dpmpp"].overrides["thresholding"] is True  # the pixel-space DDPM's, which SD must not use
 
 
 def test_png_metadata_round_trip(tmp_path: Path) -> None:

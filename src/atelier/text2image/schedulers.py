@@ -1,4 +1,4 @@
-"""Stable Diffusion samplers under the names the DDPM uses (``ddpm``, ``ddim``, ``dpmpp``), set up for latents.
+"""Stable Diffusion samplers under the names the DDPM uses (``ddpm``, ``ddim``, ``dpmpp``, ...), set up for latents.
 
 :data:`atelier.sampling.schedulers.SAMPLERS` is tuned for pixel-space DDPMs: its ``dpmpp`` clamps the x0 prediction
 to ``[-1, 1]`` (dynamic thresholding), which is wrong for SD latents (about ``[-4, 4]`` after scaling). Here each
@@ -8,17 +8,29 @@ with latent-appropriate settings: no thresholding and no x0 clipping.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 
-#: name -> (scheduler class, config overrides). ``ddpm``: ancestral sampling (Ho et al. 2020, Alg. 2);
-#: ``ddim``: deterministic DDIM (Song et al. 2021, eta = 0); ``dpmpp``: DPM-Solver++(2M) (Lu et al. 2022).
+from atelier.sampling.schedulers import SAMPLERS
+
+#: settings of :data:`atelier.sampling.schedulers.SAMPLERS` that are about pixels in ``[-1, 1]`` (or the cosine
+#: schedule's last steps), dropped for latents
+PIXEL_ONLY = ("thresholding", "sample_max_value", "lambda_min_clipped", "clip_sample")
+
+
+def _latent_overrides(cls: type[SchedulerMixin], overrides: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in overrides.items() if k not in PIXEL_ONLY}
+    accepted = inspect.signature(cls.__init__).parameters
+    kept.update({k: False for k in ("thresholding", "clip_sample") if k in accepted})
+    return kept
+
+
+#: name -> (scheduler class, config overrides): every sampler of the pixel-space registry, under the same name and
+#: with the same solver settings, without thresholding or x0 clipping.
 SD_SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "ddpm": (DDPMScheduler, {"clip_sample": False, "thresholding": False}),
-    "ddim": (DDIMScheduler, {"clip_sample": False, "thresholding": False, "set_alpha_to_one": False}),
-    "dpmpp": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                            "thresholding": False}),
+    name: (spec.scheduler, _latent_overrides(spec.scheduler, spec.overrides)) for name, spec in SAMPLERS.items()
 }
 
 

@@ -95,19 +95,23 @@ def finish_wandb(exit_code: int | None = None) -> None:
     Called from ``finally:`` blocks, so it must not replace an exception in flight (a preemption's
     ``SystemExit``, a ``KeyboardInterrupt``): when wandb-core is already gone (a SLURM ``SIGTERM`` reaches every
     process of the job step, wandb-core included: wandb issue 9963) ``wandb.finish()`` raises
-    ``ConnectionResetError``; that is logged and swallowed here.
+    ``ConnectionResetError``, and a signal that interrupted ``import wandb`` leaves a half-initialised module whose
+    attributes raise ``AttributeError``; any such error is logged and swallowed here.
     """
     try:
         import wandb
+
+        if getattr(wandb, "run", None) is None:
+            return
+        wandb.finish(exit_code=exit_code)
     except ImportError:
         return
-    if wandb.run is None:
-        return
-    try:
-        wandb.finish(exit_code=exit_code)
-    except Exception as err:  # wandb-core gone (ConnectionResetError, BrokenPipeError, ...)
+    except Exception as err:  # wandb-core gone (ConnectionResetError, BrokenPipeError), a half-imported wandb, ...
         log.warning("W&B run could not be finished (%s: %s); wandb-core is gone", type(err).__name__, err)
-        _forget_wandb()
+        try:
+            _forget_wandb()
+        except Exception as again:
+            log.debug("could not drop the W&B handle: %s: %s", type(again).__name__, again)
 
 
 def _forget_wandb() -> None:
@@ -137,11 +141,13 @@ def finish_wandb_preempted(init_kwargs: dict[str, Any] | None, exit_code: int = 
     """
     try:
         import wandb
-    except ImportError:
+
+        active = wandb.run
+    except Exception:  # not installed, or half-imported (a signal during `import wandb`)
         return False
-    if wandb.run is None and not init_kwargs:
+    if active is None and not init_kwargs:
         return False
-    if wandb.run is not None:
+    if active is not None:
         try:
             wandb.run.mark_preempting()
             wandb.finish(exit_code=exit_code)
