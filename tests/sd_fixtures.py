@@ -41,3 +41,19 @@ def init_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(np.stack([np.tile(ramp, (50, 1)), np.tile(ramp[:, None], (1, 50)),
                               np.full((50, 50), 128, np.uint8)], axis=-1)).save(path)
     return path
+
+
+#: (width, height) of the images of :func:`bucket_dir`: two landscape, two portrait, two near-square
+BUCKET_SIZES = ((48, 32), (50, 30), (32, 48), (30, 50), (40, 40), (44, 40))
+
+
+@pytest.fixture(scope="session")
+def bucket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six RGB images of mixed aspect ratios (:data:`BUCKET_SIZES`) in one folder, each with a sidecar caption of
+    comma-separated tags (``"style{i}, red, blue, green, yellow"``)."""
+    root = tmp_path_factory.mktemp("buckets")
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate(BUCKET_SIZES):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"style{i}, red, blue, green, yellow\n")
+    return root

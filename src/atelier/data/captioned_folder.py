@@ -1,27 +1,50 @@
 """Images with captions for text-to-image fine-tuning (LoRA, DreamBooth) as a LightningDataModule.
 
-Built on :class:`atelier.data.art_folder.ArtFolderDataModule` (same file discovery, corrupt-file check, transforms,
-seeded split and loaders); this module only adds the caption of each image and, for DreamBooth, the class images.
+Built on :class:`atelier.data.art_folder.ArtFolderDataModule` (same file discovery, corrupt-file check, seeded split
+and loaders); this module adds the caption of each image, the DreamBooth class images, and the data features of
+LoRA training at scale: aspect-ratio buckets, caption dropout and tag shuffling, repeats, and cached latents and
+text embeddings.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from atelier.data.art_folder import ArtFolderDataModule, ImageFolderDataset, find_images
-from atelier.data.transforms import art_transform
+from atelier.data.image_io import load_rgb
+from atelier.data.transforms import art_transform, to_unit_range
+from atelier.text2image.buckets import (
+    Bucket,
+    BucketBatchSampler,
+    assign_bucket,
+    bucket_table,
+    load_bucketed,
+    make_buckets,
+    upright_size,
+)
+from atelier.text2image.latent_cache import LatentCache
 
 log = logging.getLogger(__name__)
 
 #: ``generate(prompts, seeds) -> PIL images``, e.g. the base pipeline of the LoRA module
 ImageGenerator = Callable[[Sequence[str], Sequence[int]], list[Image.Image]]
+#: ``encode_images(pixels (B, 3, H, W) float32 in [-1, 1]) -> latent distributions (B, 2·C, H/8, W/8)``
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+#: ``encode_texts(captions) -> hidden states (B, max_length, hidden)``
+TextEncoder = Callable[[Sequence[str]], torch.Tensor]
+
+
+def sidecar_of(path: Path) -> Path:
+    """The caption file of the image at ``path``: ``<name>.txt`` beside it."""
+    return path.with_suffix(".txt")
 
 
 def caption_for(path: Path, label: str, instance_prompt: str | None) -> str:
@@ -31,7 +54,7 @@ def caption_for(path: Path, label: str, instance_prompt: str | None) -> str:
     Raises:
         ValueError: when there is neither a (non-empty) sidecar nor an ``instance_prompt``, naming the image.
     """
-    sidecar = path.with_suffix(".txt")
+    sidecar = sidecar_of(path)
     if sidecar.is_file():
         text = sidecar.read_text(encoding="utf-8").strip()
         if text:
@@ -41,36 +64,206 @@ def caption_for(path: Path, label: str, instance_prompt: str | None) -> str:
     return instance_prompt.replace("{label}", label)
 
 
-class CaptionedDataset(Dataset):
-    """``(image, caption)`` pairs over an :class:`ImageFolderDataset`; with ``class_images`` (DreamBooth prior
-    preservation) ``(image, caption, class_image, class_caption)``, class image ``i mod len(class_images)``.
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How training captions vary from step to step (kohya's ``caption_dropout_rate``, ``shuffle_caption``,
+    ``keep_tokens``).
 
-    Images are ``(3, H, W)`` float32 in ``[-1, 1]``; captions are strings (tokenized by the model).
+    Args:
+        dropout: probability in ``[0, 1]`` that an instance caption is replaced by ``""`` (the unconditional
+            prompt, so the adapter also learns the unconditional branch of classifier-free guidance). Applies to
+            sidecar and ``instance_prompt`` captions alike, never to DreamBooth class captions.
+        shuffle_tags: shuffle the comma-separated tags of *sidecar* captions (``instance_prompt`` captions are
+            sentences and stay as they are).
+        keep_tokens: the first ``keep_tokens`` tags stay in front, in order (e.g. a trigger word); kohya counts
+            comma-separated tags as tokens.
+
+    Raises:
+        ValueError: for ``dropout`` outside ``[0, 1]`` or ``keep_tokens < 0``.
+    """
+
+    dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.dropout}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
+
+    @property
+    def varies(self) -> bool:
+        """True when a caption can come out differently from step to step."""
+        return self.dropout > 0 or self.shuffle_tags
+
+
+def shuffle_tags(caption: str, keep_tokens: int = 0, generator: torch.Generator | None = None) -> str:
+    """``caption`` split at commas into tags (stripped, empty ones dropped); the first ``keep_tokens`` tags kept
+    in place, the rest permuted (``torch.randperm`` with ``generator``; ``None``: the global RNG); joined with
+    ``", "``."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    order = torch.randperm(len(tail), generator=generator).tolist() if len(tail) > 1 else range(len(tail))
+    return ", ".join(head + [tail[i] for i in order])
+
+
+def process_caption(caption: str, options: CaptionOptions, sidecar: bool,
+                    generator: torch.Generator | None = None) -> str:
+    """One training draw of ``caption``: ``""`` with probability ``options.dropout`` (one ``torch.rand`` draw),
+    else, for a ``sidecar`` caption with ``options.shuffle_tags``, its tags shuffled by :func:`shuffle_tags`.
+
+    ``generator`` (CPU) makes the draws reproducible; ``None`` uses the global RNG, which DataLoader workers seed
+    per worker."""
+    if options.dropout > 0 and float(torch.rand((), generator=generator)) < options.dropout:
+        return ""
+    if options.shuffle_tags and sidecar:
+        return shuffle_tags(caption, options.keep_tokens, generator)
+    return caption
+
+
+def _crop(mode: str, size: Bucket) -> dict[str, Any]:
+    """The crop part of a latent-cache key: how the image was fitted and to what ``(width, height)``."""
+    return {"mode": mode, "size": [int(size[0]), int(size[1])]}
+
+
+class CaptionedDataset(Dataset):
+    """Captioned training items over an :class:`ImageFolderDataset`'s files.
+
+    Without a latent cache, items are tuples as before: ``(image, caption)``, with ``class_images`` (DreamBooth
+    prior preservation) ``(image, caption, class_image, class_caption)`` (class image ``i mod len(class_images)``);
+    images ``(3, H, W)`` float32 in ``[-1, 1]``, ``H × W`` = ``image_size``² or the image's bucket. With ``cache``,
+    items are dicts: ``latents`` ``(2·C, h, w)`` (the cached VAE latent distribution; the flipped image's with
+    probability 1/2 under ``hflip``), ``caption``, and with ``text_cached`` ``text_embedding``
+    ``(max_length, hidden)``; DreamBooth adds ``class_latents``, ``class_caption`` (and ``class_text_embedding``).
+
+    Args:
+        images: the files (``paths``, ``image_size``, ``cache_dir`` and ``classes`` are used; its transform is not).
+        instance_prompt: caption of images without a sidecar ``.txt``.
+        class_images, class_prompt: DreamBooth class images (square, ``image_size``) and their caption.
+        options: caption dropout / tag shuffling (``None``: captions as written, e.g. for validation).
+        buckets: per file, its bucket ``(width, height)``; ``None``: square ``image_size`` crops.
+        hflip: random horizontal flips.
+        cache: the latent cache (filled by :meth:`CaptionedFolderDataModule.prepare_cache`).
+        text_cached: items carry cached text embeddings (needs ``cache``; not with tag shuffling).
+
+    Raises:
+        ValueError: when an image has no caption (naming it).
+        RuntimeError: from ``__getitem__`` with a cache, when an entry is missing or its file changed since caching.
     """
 
     def __init__(self, images: ImageFolderDataset, instance_prompt: str | None,
-                 class_images: ImageFolderDataset | None = None, class_prompt: str | None = None) -> None:
+                 class_images: ImageFolderDataset | None = None, class_prompt: str | None = None, *,
+                 options: CaptionOptions | None = None, buckets: Sequence[Bucket] | None = None,
+                 hflip: bool = False, cache: LatentCache | None = None, text_cached: bool = False) -> None:
         self.images = images
         self.captions = [caption_for(p, images.classes[t], instance_prompt)
                          for p, t in zip(images.paths, images.targets, strict=True)]
+        self.sidecar = [sidecar_of(p).is_file() and bool(sidecar_of(p).read_text(encoding="utf-8").strip())
+                        for p in images.paths]
         self.class_images = class_images
         self.class_prompt = class_prompt
+        self.options = options or CaptionOptions()
+        self.buckets = list(buckets) if buckets is not None else None
+        self.hflip = hflip
+        self.cache = cache
+        self.text_cached = text_cached and cache is not None
+        self._to_tensor = to_unit_range()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        image, _ = self.images[i]
-        if self.class_images is None:
-            return image, self.captions[i]
-        class_image, _ = self.class_images[i % len(self.class_images)]
-        return image, self.captions[i], class_image, self.class_prompt
+    # ------------------------------------------------------------------ pieces
+    def size(self, i: int) -> Bucket:
+        """``(width, height)`` of item ``i``'s training image."""
+        if self.buckets is not None:
+            return self.buckets[i]
+        s = int(self.images.image_size)
+        return s, s
+
+    def crop(self, i: int) -> dict[str, Any]:
+        """The latent-cache crop key of item ``i``."""
+        return _crop("bucket" if self.buckets is not None else "square", self.size(i))
+
+    def pixels(self, i: int, flip: bool = False) -> torch.Tensor:
+        """Item ``i``'s image ``(3, H, W)`` float32 in ``[-1, 1]``, deterministic (flipped left-right with ``flip``).
+
+        Raises:
+            atelier.data.image_io.UnreadableImageError: for a file that cannot be decoded.
+        """
+        path = self.images.paths[i]
+        if self.buckets is not None:
+            image = load_bucketed(path, self.buckets[i])
+        else:
+            image = load_rgb(path, self.images.image_size, self.images.cache_dir)
+        x = self._to_tensor(image)
+        return x.flip(-1) if flip else x
+
+    def caption(self, i: int, generator: torch.Generator | None = None) -> str:
+        """A training draw of item ``i``'s caption (:func:`process_caption`)."""
+        return process_caption(self.captions[i], self.options, self.sidecar[i], generator)
+
+    def fixed_captions(self) -> list[str]:
+        """Every caption an item can have when tags are not shuffled: the captions, plus ``""`` with caption
+        dropout, plus the class prompt; sorted, unique."""
+        found = set(self.captions)
+        if self.options.dropout > 0:
+            found.add("")
+        if self.class_images is not None and self.class_prompt is not None:
+            found.add(self.class_prompt)
+        return sorted(found)
+
+    def _flip(self) -> bool:
+        return self.hflip and bool(torch.rand(()) < 0.5)
+
+    def _cached(self, path: Path, crop: Mapping[str, Any], flip: bool) -> torch.Tensor:
+        assert self.cache is not None
+        value = self.cache.load_latent(path, crop, flip)
+        if value is None:
+            raise RuntimeError(f"no cached latent for {path} ({crop}, flip={flip}): the file changed or the cache "
+                               f"under {self.cache.root} was cleared since training started; restart the run to "
+                               "re-encode it")
+        return value
+
+    def _text(self, caption: str) -> torch.Tensor:
+        assert self.cache is not None
+        value = self.cache.load_text(caption)
+        if value is None:
+            raise RuntimeError(f"no cached text embedding for caption {caption!r} under {self.cache.root}; restart "
+                               "the run to re-encode it")
+        return value
+
+    # ------------------------------------------------------------------ items
+    def __getitem__(self, i: int) -> Any:
+        caption = self.caption(i)
+        n_class = len(self.class_images) if self.class_images is not None else 0
+        if self.cache is None:
+            image = self.pixels(i, self._flip())
+            if not n_class:
+                return image, caption
+            class_image, _ = self.class_images[i % n_class]
+            return image, caption, class_image, self.class_prompt
+        item: dict[str, Any] = {"latents": self._cached(self.images.paths[i], self.crop(i), self._flip()),
+                                "caption": caption}
+        if self.text_cached:
+            item["text_embedding"] = self._text(caption)
+        if n_class:
+            assert self.class_images is not None and self.class_prompt is not None
+            s = int(self.class_images.image_size)
+            item["class_latents"] = self._cached(self.class_images.paths[i % n_class], _crop("square", (s, s)),
+                                                 self._flip())
+            item["class_caption"] = self.class_prompt
+            if self.text_cached:
+                item["class_text_embedding"] = self._text(self.class_prompt)
+        return item
 
 
 class CaptionedFolderDataModule(ArtFolderDataModule):
-    """Images under ``root`` with captions, as batches ``(images, captions)``: images ``(B, 3, S, S)`` float32 in
-    ``[-1, 1]``, captions a list of ``B`` strings; with DreamBooth class images ``(images, captions, class_images,
-    class_captions)``.
+    """Images under ``root`` with captions, as batches ``(images, captions)``: images ``(B, 3, H, W)`` float32 in
+    ``[-1, 1]`` (``H = W = image_size``, or one bucket's size per batch), captions a list of ``B`` strings; with
+    DreamBooth class images ``(images, captions, class_images, class_captions)``. With ``cache_latents`` (after
+    :meth:`prepare_cache`, which the LoRA module calls at fit start) batches are dicts of cached latents instead
+    (see :class:`CaptionedDataset`).
 
     Captions: a sidecar ``<image>.txt`` per image, else ``instance_prompt`` (``{label}`` becomes the subfolder
     name, e.g. ``"an impressionist painting by {label}"``; DreamBooth: ``"a painting in the style of sks"``).
@@ -82,16 +275,30 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
     Args:
         root, image_size, batch_size, val_fraction, num_workers, seed, hflip, check_images, pin_memory, cache,
             cache_dir: as in :class:`ArtFolderDataModule` (RGB only; the same file reading, see
-            :mod:`atelier.data.image_io`).
+            :mod:`atelier.data.image_io`). ``cache`` (decoded square images) is not used with ``buckets``.
         instance_prompt: caption of images without a sidecar ``.txt``.
         class_prompt: DreamBooth class prompt (e.g. ``"a painting"``); ``None`` turns prior preservation off.
         class_data_dir: cache folder of the class images.
         num_class_images: class images to use (generated when missing).
         channels: must be 3 (RGB); the key exists so model configs that read ``data.channels`` compose.
+        buckets: aspect-ratio bucketing (:mod:`atelier.text2image.buckets`): buckets of about ``image_size²`` px,
+            sides multiples of ``bucket_step``, aspect ratios up to ``bucket_max_ratio``; every batch from one
+            bucket (the table is logged once at setup). Class images stay square.
+        bucket_step, bucket_max_ratio: see ``buckets``.
+        caption_dropout, shuffle_tags, keep_tokens: training caption variation (:class:`CaptionOptions`);
+            validation captions never vary.
+        repeats: each training image appears ``repeats`` times per epoch (small folders; kohya's repeats).
+        cache_latents: encode every training/validation/class image once with the frozen VAE and train on the
+            cached latent distributions (:mod:`atelier.text2image.latent_cache`).
+        cache_text_embeddings: also cache the text encoder's output per caption (needs ``cache_latents``; ignored,
+            with one info line, under ``shuffle_tags``, whose captions are new every step).
+        latent_cache_dir: the cache folder.
 
     Raises:
-        ValueError: at setup, when an image has no caption (naming it), or ``class_prompt`` is set without
-            ``class_data_dir`` or with ``num_class_images < 1``.
+        ValueError: at setup, when an image has no caption (naming it); at construction, for ``class_prompt``
+            without ``class_data_dir`` or with ``num_class_images < 1``, ``repeats < 1``, a bad caption option,
+            ``cache_latents`` without ``latent_cache_dir``, ``cache_text_embeddings`` without ``cache_latents``,
+            or a bucket setting that gives no bucket.
         RuntimeError: when class images are missing and no generator was given.
     """
 
@@ -99,7 +306,10 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
                  num_workers: int = 0, seed: int = 0, hflip: bool = True, check_images: bool = True,
                  pin_memory: bool = False, instance_prompt: str | None = None, class_prompt: str | None = None,
                  class_data_dir: str | None = None, num_class_images: int = 100, channels: int = 3,
-                 cache: bool = False, cache_dir: str | None = None) -> None:
+                 cache: bool = False, cache_dir: str | None = None, buckets: bool = False, bucket_step: int = 64,
+                 bucket_max_ratio: float = 2.0, caption_dropout: float = 0.0, shuffle_tags: bool = False,
+                 keep_tokens: int = 0, repeats: int = 1, cache_latents: bool = False,
+                 cache_text_embeddings: bool = False, latent_cache_dir: str | None = None) -> None:
         if channels != 3:
             raise ValueError(f"data.channels={channels} is not allowed; Stable Diffusion images are RGB (3)")
         super().__init__(root=root, image_size=image_size, channels=3, batch_size=batch_size,
@@ -107,12 +317,35 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
                          check_images=check_images, pin_memory=pin_memory, cache=cache, cache_dir=cache_dir)
         if class_prompt is not None and (class_data_dir is None or num_class_images < 1):
             raise ValueError("data.class_prompt needs data.class_data_dir and data.num_class_images >= 1")
+        if repeats < 1:
+            raise ValueError(f"data.repeats must be >= 1, got {repeats}")
+        if cache_latents and not latent_cache_dir:
+            raise ValueError("data.cache_latents=true needs data.latent_cache_dir (a writable folder)")
+        if cache_text_embeddings and not cache_latents:
+            raise ValueError("data.cache_text_embeddings=true needs data.cache_latents=true")
+        self.caption_options = CaptionOptions(caption_dropout, shuffle_tags, keep_tokens)
+        self.bucket_list: list[Bucket] = make_buckets(image_size, bucket_step, bucket_max_ratio) if buckets else []
         self.class_dir = Path(class_data_dir).expanduser() if class_data_dir else None
+        self.latent_cache_dir = Path(latent_cache_dir).expanduser() if latent_cache_dir else None
+        self.latent_cache: LatentCache | None = None  # set by prepare_cache
+        self.bucket_index: list[int] = []  # per file: index into bucket_list
+        self._sources: tuple[ImageFolderDataset, ImageFolderDataset, list[int], list[int]] | None = None
+        self._class_ready = False
 
     @property
     def prior_preservation(self) -> bool:
         """True when DreamBooth class images are used (``class_prompt`` is set)."""
         return self.hparams.class_prompt is not None
+
+    @property
+    def cache_latents(self) -> bool:
+        """True when training runs on cached latents (the LoRA module then calls :meth:`prepare_cache`)."""
+        return bool(self.hparams.cache_latents)
+
+    @property
+    def text_cached(self) -> bool:
+        """True when text embeddings are cached too (``cache_text_embeddings`` and no tag shuffling)."""
+        return bool(self.hparams.cache_text_embeddings) and not self.caption_options.shuffle_tags
 
     def class_image_paths(self) -> list[Path]:
         """The cached class images (at most ``num_class_images``), sorted."""
@@ -125,7 +358,7 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
         as ``class_XXXXX.png`` in ``class_data_dir``; returns all class image paths. Existing images are kept."""
         if not self.prior_preservation or self.class_dir is None:
             return []
-        if self.train_set is None:
+        if self._sources is None:
             self.setup("fit")
         have = self.class_image_paths()
         missing = self.hparams.num_class_images - len(have)
@@ -143,38 +376,170 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
+        if self._sources is not None:
+            return
+        train, val = self.train_set, self.val_set
+        assert isinstance(train, Subset) and isinstance(val, Subset)
+        self._sources = (train.dataset, val.dataset, list(train.indices), list(val.indices))
+        if self.bucket_list:
+            self._assign_buckets(train.dataset.paths)
         self._attach_captions()
 
-    def _attach_captions(self) -> None:
-        """Wrap the parent's train/val image datasets into :class:`CaptionedDataset`; the train set gets the class
-        images (DreamBooth) and stays unwrapped until they are all cached."""
+    def _assign_buckets(self, paths: Sequence[Path]) -> None:
+        """Give every file its bucket (from its upright size, header only) and log the table once."""
         hp = self.hparams
-        class_set = None
-        if self.prior_preservation:
-            paths = self.class_image_paths()
-            if len(paths) >= hp.num_class_images and self.class_dir is not None:
-                class_set = ImageFolderDataset(self.class_dir, paths, art_transform(hp.image_size, 3, hp.hflip),
-                                               hp.image_size)
-        for name in ("train_set", "val_set"):
-            subset = getattr(self, name)
-            if isinstance(subset.dataset, CaptionedDataset) and (name == "val_set" or not self.prior_preservation
-                                                                 or subset.dataset.class_images is not None):
-                continue
-            if name == "train_set" and self.prior_preservation and class_set is None:
-                continue
-            base = subset.dataset.images if isinstance(subset.dataset, CaptionedDataset) else subset.dataset
-            wrapped = CaptionedDataset(base, hp.instance_prompt, class_set if name == "train_set" else None,
-                                       hp.class_prompt)
-            setattr(self, name, Subset(wrapped, subset.indices))
+        self.bucket_index = [assign_bucket(*upright_size(p), self.bucket_list) for p in paths]
+        if hp.cache:
+            log.info("data.cache (square decoded images) is not used with data.buckets=true; cache latents instead "
+                     "(data.cache_latents=true)")
+        log.info("aspect-ratio buckets at %d px (step %d, ratio <= %s) for %d images: %s", hp.image_size,
+                 hp.bucket_step, hp.bucket_max_ratio, len(paths), bucket_table(self.bucket_list, self.bucket_index))
+
+    def _class_set(self) -> ImageFolderDataset | None:
+        hp = self.hparams
+        if not self.prior_preservation or self.class_dir is None:
+            return None
+        paths = self.class_image_paths()
+        if len(paths) < hp.num_class_images:
+            return None
+        return ImageFolderDataset(self.class_dir, paths, art_transform(hp.image_size, 3, hp.hflip), hp.image_size)
+
+    def _attach_captions(self) -> None:
+        """(Re)build the train/val datasets from the files found at setup: captions, buckets, the class images
+        (DreamBooth; the train set is usable once they are all cached), repeats and, after :meth:`prepare_cache`,
+        the latent cache."""
+        if self._sources is None:
+            return
+        hp = self.hparams
+        train_full, val_full, train_idx, val_idx = self._sources
+        class_set = self._class_set()
+        self._class_ready = not self.prior_preservation or class_set is not None
+        buckets = [self.bucket_list[b] for b in self.bucket_index] if self.bucket_list else None
+        common = {"buckets": buckets, "cache": self.latent_cache, "text_cached": self.text_cached}
+        train = CaptionedDataset(train_full, hp.instance_prompt, class_set, hp.class_prompt,
+                                 options=self.caption_options, hflip=hp.hflip, **common)
+        val = CaptionedDataset(val_full, hp.instance_prompt, hflip=False, **common)
+        self.train_set = Subset(train, [i for _ in range(hp.repeats) for i in train_idx])
+        self.val_set = Subset(val, val_idx)
+
+    # ------------------------------------------------------------------ cached latents and text embeddings
+    def prepare_cache(self, encode_images: ImageEncoder, encode_texts: TextEncoder, model: str,
+                      rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None,
+                      batch_size: int | None = None) -> dict[str, int]:
+        """Fill the latent cache (and the text cache) for every image the run uses, then switch the datasets to
+        cached items.
+
+        What is needed: each train image unflipped and, with ``hflip``, flipped; each validation image unflipped;
+        each class image like the train images; with ``text_cached`` every :meth:`CaptionedDataset.fixed_captions`.
+        Entries that exist for the file and model as they are now are kept; the rest are encoded in batches of
+        ``batch_size`` (default ``data.batch_size``) images of one size. Under DDP each rank encodes every
+        ``world_size``-th missing entry and ``barrier`` waits for all.
+
+        Args:
+            encode_images: pixels ``(B, 3, H, W)`` float32 in ``[-1, 1]`` → latent distributions
+                ``(B, 2·C, H/8, W/8)`` (the LoRA module's :meth:`encode_images`).
+            encode_texts: captions → hidden states ``(B, max_length, hidden)``.
+            model: the model's :func:`atelier.text2image.latent_cache.model_fingerprint`.
+            rank, world_size, barrier: DDP sharding of the work.
+            batch_size: images per encoder call.
+
+        Returns:
+            counts: ``latents_encoded``, ``latents_reused``, ``texts_encoded``, ``texts_reused`` (this rank's).
+
+        Raises:
+            RuntimeError: when called without ``cache_latents`` or before :meth:`setup`.
+        """
+        if not self.cache_latents or self.latent_cache_dir is None:
+            raise RuntimeError("prepare_cache needs data.cache_latents=true and data.latent_cache_dir")
+        if self._sources is None:
+            self.setup("fit")
+        if not self._class_ready:
+            raise RuntimeError("DreamBooth class images are missing; call ensure_class_images(generate) first")
+        hp = self.hparams
+        cache = LatentCache(self.latent_cache_dir, model)
+        self.latent_cache = None
+        self._attach_captions()  # pixel datasets, to read the images from
+        train, val = self.train_set.dataset, self.val_set.dataset  # type: ignore[union-attr]
+        assert isinstance(train, CaptionedDataset) and isinstance(val, CaptionedDataset)
+        _, _, train_idx, val_idx = self._sources  # type: ignore[misc]
+        jobs: dict[tuple[str, str, bool], tuple[CaptionedDataset, int, dict[str, Any], bool]] = {}
+        flips = (False, True) if hp.hflip else (False,)
+        for ds, indices, options in ((train, train_idx, flips), (val, val_idx, (False,))):
+            for i in indices:
+                for flip in options:
+                    crop = ds.crop(i)
+                    jobs[(str(ds.images.paths[i]), str(crop), flip)] = (ds, i, crop, flip)
+        if train.class_images is not None:
+            class_ds = CaptionedDataset(train.class_images, hp.class_prompt)
+            for i in range(len(class_ds)):
+                for flip in flips:
+                    crop = class_ds.crop(i)
+                    jobs[(str(class_ds.images.paths[i]), str(crop), flip)] = (class_ds, i, crop, flip)
+        todo = [job for key, job in sorted(jobs.items())
+                if cache.load_latent(job[0].images.paths[job[1]], job[2], job[3]) is None]
+        mine = todo[rank::world_size]
+        by_size: dict[Bucket, list[tuple[CaptionedDataset, int, dict[str, Any], bool]]] = {}
+        for job in mine:
+            by_size.setdefault(job[0].size(job[1]), []).append(job)
+        step = batch_size or hp.batch_size
+        for group in by_size.values():
+            for first in range(0, len(group), step):
+                chunk = group[first:first + step]
+                pixels = torch.stack([ds.pixels(i, flip) for ds, i, _, flip in chunk])
+                with torch.no_grad():
+                    encoded = encode_images(pixels)
+                for (ds, i, crop, flip), value in zip(chunk, encoded, strict=True):
+                    cache.save_latent(ds.images.paths[i], crop, flip, value)
+        texts_todo: list[str] = []
+        texts_all: list[str] = []
+        if self.text_cached:
+            texts_all = train.fixed_captions() + val.fixed_captions()
+            texts_all = sorted(set(texts_all))
+            texts_todo = [c for c in texts_all if cache.load_text(c) is None][rank::world_size]
+            for first in range(0, len(texts_todo), step):
+                chunk = texts_todo[first:first + step]
+                with torch.no_grad():
+                    hidden = encode_texts(chunk)
+                for caption, value in zip(chunk, hidden, strict=True):
+                    cache.save_text(caption, value)
+        elif hp.cache_text_embeddings:
+            log.info("data.cache_text_embeddings: not used with data.shuffle_tags=true (a new caption every step); "
+                     "the text encoder runs in every step")
+        if barrier is not None:
+            barrier()
+        self.latent_cache = cache
+        self._attach_captions()
+        counts = {"latents_encoded": len(mine), "latents_reused": len(jobs) - len(todo),
+                  "texts_encoded": len(texts_todo), "texts_reused": len(texts_all) - len(texts_todo)}
+        log.info("latent cache %s: %d latents encoded, %d reused; %d text embeddings encoded, %d reused",
+                 self.latent_cache_dir, counts["latents_encoded"], counts["latents_reused"], counts["texts_encoded"],
+                 counts["texts_reused"])
+        return counts
+
+    # ------------------------------------------------------------------ loaders
+    def _bucket_loader(self, dataset: Subset, shuffle: bool) -> DataLoader:
+        """A loader whose batches each come from one bucket (:class:`BucketBatchSampler`)."""
+        hp = self.hparams
+        ids = [self.bucket_index[i] for i in dataset.indices]
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        batches = BucketBatchSampler(sampler, hp.batch_size, drop_last=False, bucket_ids=ids, seed=hp.seed)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=hp.num_workers,
+                          persistent_workers=hp.num_workers > 0, pin_memory=hp.pin_memory)
 
     def train_dataloader(self) -> Any:
-        train = self.train_set
-        if self.prior_preservation and not (isinstance(train, Subset) and isinstance(train.dataset, CaptionedDataset)
-                                            and train.dataset.class_images is not None):
+        if self.prior_preservation and not self._class_ready:
             raise RuntimeError(f"{self.hparams.num_class_images} DreamBooth class images are needed in "
                                f"{self.class_dir}; call ensure_class_images(generate) first (the LoRA module does)")
+        if self.bucket_list:
+            assert isinstance(self.train_set, Subset)
+            return self._bucket_loader(self.train_set, shuffle=True)
         return super().train_dataloader()
 
+    def val_dataloader(self) -> Any:
+        if self.bucket_list:
+            assert isinstance(self.val_set, Subset)
+            return self._bucket_loader(self.val_set, shuffle=False)
+        return super().val_dataloader()
 
 
 def collate_check(batch: Any) -> tuple[torch.Tensor, list[str]]:
@@ -183,3 +548,31 @@ def collate_check(batch: Any) -> tuple[torch.Tensor, list[str]]:
         raise TypeError("expected a captioned batch (images, captions[, class_images, class_captions]) from "
                         "CaptionedFolderDataModule (data=art_captions)")
     return batch[0], list(batch[1])
+
+
+def unpack_batch(batch: Any) -> dict[str, Any]:
+    """A captioned batch of either kind as one dict: ``captions`` (list of B strings) and either ``pixels``
+    ``(B, 3, H, W)`` or ``latents`` ``(B, 2·C, h, w)``; optionally ``text_embeddings`` ``(B, L, D)``, and for
+    DreamBooth ``class_pixels``/``class_latents``, ``class_captions``, ``class_text_embeddings``.
+
+    Raises:
+        TypeError: for a batch that is neither a captioned tuple nor a cached-latents dict.
+    """
+    if isinstance(batch, Mapping):
+        if "latents" not in batch or "caption" not in batch:
+            raise TypeError(f"a cached batch needs 'latents' and 'caption', got keys {sorted(batch)}")
+        out: dict[str, Any] = {"latents": batch["latents"], "captions": list(batch["caption"])}
+        if "text_embedding" in batch:
+            out["text_embeddings"] = batch["text_embedding"]
+        if "class_latents" in batch:
+            out["class_latents"] = batch["class_latents"]
+            out["class_captions"] = list(batch["class_caption"])
+            if "class_text_embedding" in batch:
+                out["class_text_embeddings"] = batch["class_text_embedding"]
+        return out
+    images, captions = collate_check(batch)
+    out = {"pixels": images, "captions": captions}
+    if len(batch) == 4:
+        out["class_pixels"] = batch[2]
+        out["class_captions"] = list(batch[3])
+    return out

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 from collections import OrderedDict
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.torch_utils import randn_tensor
 from lightning import LightningModule
@@ -22,18 +25,121 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from atelier.callbacks.samples import save_grid
-from atelier.data.captioned_folder import collate_check
+from atelier.data.captioned_folder import unpack_batch
 from atelier.models.ddpm import min_snr_weight
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
+from atelier.text2image.latent_cache import model_fingerprint
 from atelier.text2image.pipeline import LORA_WEIGHTS
 from atelier.text2image.schedulers import SD_SAMPLERS, make_sd_scheduler
-from atelier.text2image.tiny import is_tiny
-from atelier.text2image.weights import resolve_model
+from atelier.text2image.weights import is_random_weights, load_sd_pipeline, resolve_model
+from atelier.utils.precision import cpu_bf16_matrix_units
 
 log = logging.getLogger(__name__)
 
 #: the UNet attention projections LoRA adapts by default (query, key, value, output of every attention)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: ``frozen_precision`` values: dtype of the frozen VAE and text encoder
+FROZEN_PRECISIONS = ("auto", "fp32", "bf16")
+#: ``optimizer_variant`` values (applied when the optimizer is ``torch.optim.AdamW``)
+OPTIMIZER_VARIANTS = ("adamw", "auto", "fused", "8bit")
+_said: set[str] = set()
+
+
+def _info_once(message: str, *args: Any) -> None:
+    """``log.info`` a message once per process."""
+    text = message % args if args else message
+    if text not in _said:
+        _said.add(text)
+        log.info(text)
+
+
+def frozen_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen VAE and text encoder for ``precision`` on ``device``.
+
+    ``auto``: bf16 on CUDA; on a CPU bf16 only where it pays, i.e. with bf16 matrix units (AMX,
+    :func:`atelier.utils.precision.cpu_bf16_matrix_units`; without them bf16 convolutions run at a fraction of fp32
+    speed); fp32 elsewhere (MPS, other CPUs). ``fp32`` and ``bf16`` are taken as they are.
+
+    Raises:
+        ValueError: for a value not in :data:`FROZEN_PRECISIONS`.
+    """
+    if precision not in FROZEN_PRECISIONS:
+        raise ValueError(f"model.frozen_precision={precision!r} is not allowed; choose one of {FROZEN_PRECISIONS}")
+    if precision == "bf16" or (precision == "auto" and (
+            device.type == "cuda" or (device.type == "cpu" and cpu_bf16_matrix_units()))):
+        return torch.bfloat16
+    return torch.float32
+
+
+def offset_noise(shape: Sequence[int], noise_offset: float = 0.0, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Training noise ``ε ~ N(0, I)`` of ``shape`` ``(B, C, h, w)`` plus, with ``noise_offset`` > 0, a per-image,
+    per-channel constant ``noise_offset · N(0, 1)`` of shape ``(B, C, 1, 1)`` (Guttenberg 2023, "Diffusion with
+    offset noise"): the model then also learns to shift an image's mean brightness, which plain ε-training barely
+    does (very dark or bright images). The offset is drawn after ε, from the same ``generator``."""
+    noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
+    if noise_offset:
+        offset = randn_tensor((shape[0], shape[1], 1, 1), generator=generator, device=torch.device(device),
+                              dtype=dtype)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def adamw_variant(factory: OptimizerFactory, variant: str, device: torch.device) -> OptimizerFactory:
+    """The optimiser factory for ``variant`` when ``factory`` is a partial of ``torch.optim.AdamW``.
+
+    * ``adamw``: ``factory`` as it is (PyTorch's default, the multi-tensor ``foreach`` kernels).
+    * ``fused``: ``AdamW(fused=True)`` (one kernel for all parameters) on CUDA.
+    * ``8bit``: bitsandbytes' ``AdamW8bit`` (optimizer state in 8 bits) on CUDA with bitsandbytes installed.
+    * ``auto``: ``fused`` on CUDA, ``adamw`` elsewhere. (8-bit state is not the default: the optimizer state of a
+      LoRA is a few MB (two fp32 moments of 0.8-13 M parameters at rank 4-64 on SD 1.5), so 8 bits save at most
+      ~0.1 GB and add quantization noise; they pay for full fine-tuning.)
+
+    Where a variant is not available it falls back (``8bit`` → ``fused`` → ``adamw``) with one info line; for another
+    optimiser class ``factory`` is returned unchanged (one info line unless ``variant`` is ``adamw``).
+
+    Raises:
+        ValueError: for a variant not in :data:`OPTIMIZER_VARIANTS`.
+    """
+    if variant not in OPTIMIZER_VARIANTS:
+        raise ValueError(f"model.optimizer_variant={variant!r} is not allowed; choose one of {OPTIMIZER_VARIANTS}")
+    if variant == "adamw":
+        return factory
+    if not (isinstance(factory, functools.partial) and factory.func is torch.optim.AdamW):
+        _info_once("model.optimizer_variant=%s applies to torch.optim.AdamW only; using the configured optimizer "
+                   "as it is", variant)
+        return factory
+    cuda = device.type == "cuda"
+    if variant == "8bit":
+        if cuda and importlib.util.find_spec("bitsandbytes") is not None:
+            import bitsandbytes as bnb
+
+            _info_once("optimizer: bitsandbytes AdamW8bit (8-bit optimizer state)")
+            return functools.partial(bnb.optim.AdamW8bit, *factory.args, **factory.keywords)
+        _info_once("model.optimizer_variant=8bit needs CUDA and bitsandbytes (%s); falling back to %s",
+                   "no CUDA device" if not cuda else "bitsandbytes not installed",
+                   "fused AdamW" if cuda else "AdamW")
+    elif variant == "fused" and not cuda:
+        _info_once("model.optimizer_variant=fused: fused AdamW is used on CUDA only; falling back to AdamW on %s",
+                   device.type)
+    if cuda:
+        _info_once("optimizer: fused AdamW (AdamW(fused=True))")
+        return functools.partial(torch.optim.AdamW, *factory.args, **{**factory.keywords, "fused": True})
+    return factory
+
+
+def lora_parameter_count(unet: torch.nn.Module, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS) -> int:
+    """Trainable parameters of a rank-``rank`` LoRA on ``unet``'s linear/conv modules whose names end with one of
+    ``target_modules`` (peft's matching): ``rank · (d_in + d_out)`` per module. Works on a meta-device UNet."""
+    total = 0
+    for name, module in unet.named_modules():
+        if any(name == t or name.endswith("." + t) for t in target_modules):
+            if isinstance(module, torch.nn.Linear):
+                total += rank * (module.in_features + module.out_features)
+            elif isinstance(module, torch.nn.Conv2d):
+                k = module.kernel_size[0] * module.kernel_size[1]
+                total += rank * (module.in_channels * k + module.out_channels)
+    return total
 
 
 class StableDiffusionLoRA(LightningModule):
@@ -67,11 +173,24 @@ class StableDiffusionLoRA(LightningModule):
         num_inference_steps, guidance_scale, sampler: settings of those images and of :meth:`sample`.
         clip_model: CLIP model for ``val/clip_score`` (hub id or local dir; ``None``: the tiny model's ``clip/``
             for a tiny base, else no CLIP score).
-        tiny_dir: where ``pretrained_model=tiny`` is built.
+        tiny_dir: where ``pretrained_model=tiny`` is built (``sd15_random`` beside it).
+        gradient_checkpointing: recompute the UNet blocks' activations in the backward pass
+            (``unet.enable_gradient_checkpointing()``, non-reentrant ``torch.utils.checkpoint``): same loss and
+            gradients, a fraction of the activation memory, ~30 % more compute.
+        frozen_precision: dtype of the frozen VAE and text encoder: ``auto`` (bf16 on CUDA and on CPUs with bf16
+            matrix units, else fp32; decided at ``setup`` for the trainer's device, see :func:`frozen_dtype`),
+            ``fp32`` or ``bf16``. The UNet keeps its dtype (its compute follows ``trainer.precision``).
+        noise_offset: Guttenberg's offset noise (:func:`offset_noise`), e.g. 0.05-0.1; 0 turns it off.
+        optimizer_variant: ``adamw``, ``fused``, ``8bit`` or ``auto`` (see :func:`adamw_variant`).
+
+    With the datamodule's ``cache_latents`` the module encodes the dataset once at fit start (:meth:`on_fit_start`,
+    :meth:`CaptionedFolderDataModule.prepare_cache`) and trains on the cached latent distributions (and text
+    embeddings).
 
     Raises:
-        ValueError: for ``rank < 1``, an unknown ``sampler``, an empty ``target_modules`` or a base model that is no
-            ``StableDiffusionPipeline`` (e.g. SDXL), each naming the key.
+        ValueError: for ``rank < 1``, an unknown ``sampler``, ``frozen_precision`` or ``optimizer_variant``, a negative
+            ``noise_offset``, an empty ``target_modules`` or a base model that is no ``StableDiffusionPipeline``
+            (e.g. SDXL), each naming the key.
         MissingWeightsError: when the base weights are missing (naming id, local path, HF_HOME, HF_HUB_OFFLINE).
     """
 
@@ -92,10 +211,22 @@ class StableDiffusionLoRA(LightningModule):
         sampler: str = "dpmpp",
         clip_model: str | None = None,
         tiny_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+        frozen_precision: str = "fp32",
+        noise_offset: float = 0.0,
+        optimizer_variant: str = "adamw",
     ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"model.rank must be >= 1, got {rank}")
+        if frozen_precision not in FROZEN_PRECISIONS:
+            raise ValueError(f"model.frozen_precision={frozen_precision!r} is not allowed; choose one of "
+                             f"{FROZEN_PRECISIONS}")
+        if optimizer_variant not in OPTIMIZER_VARIANTS:
+            raise ValueError(f"model.optimizer_variant={optimizer_variant!r} is not allowed; choose one of "
+                             f"{OPTIMIZER_VARIANTS}")
+        if noise_offset < 0:
+            raise ValueError(f"model.noise_offset must be >= 0, got {noise_offset}")
         if sampler not in SD_SAMPLERS:
             raise ValueError(f"model.sampler={sampler!r} is not allowed; choose one of {sorted(SD_SAMPLERS)}")
         if not target_modules:
@@ -108,8 +239,9 @@ class StableDiffusionLoRA(LightningModule):
         if index.get("_class_name") not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
             raise ValueError(f"model.pretrained_model={pretrained_model}: LoRA training supports SD 1.x/2.x "
                              f"(StableDiffusionPipeline), not {index.get('_class_name')}")
-        pipe = StableDiffusionPipeline.from_pretrained(str(self.model_dir), safety_checker=None,
-                                                       requires_safety_checker=False)
+        # an explicit bf16 loads the frozen parts in bf16 at once; `auto` is decided at setup for the trainer's device
+        frozen = {"vae": torch.bfloat16, "text_encoder": torch.bfloat16} if frozen_precision == "bf16" else None
+        pipe = load_sd_pipeline(self.model_dir, dtypes=frozen)
         self.vae, self.text_encoder, self.unet = pipe.vae, pipe.text_encoder, pipe.unet
         self.tokenizer = pipe.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -123,9 +255,11 @@ class StableDiffusionLoRA(LightningModule):
         self.trainable_names = {n for n, p in self.named_parameters() if p.requires_grad}
         if not self.trainable_names:
             raise ValueError(f"model.target_modules={list(target_modules)} matched no UNet module")
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.random_weights = is_tiny(self.model_dir)
+        self.random_weights = is_random_weights(self.model_dir)
         self.strict_loading = False  # checkpoints hold the LoRA parameters only
         alphas_cumprod = self.noise_scheduler.alphas_cumprod.float()
         self.register_buffer("snr", alphas_cumprod / (1 - alphas_cumprod), persistent=False)
@@ -135,6 +269,24 @@ class StableDiffusionLoRA(LightningModule):
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable LoRA parameters (everything else is frozen)."""
         return [p for n, p in self.named_parameters() if n in self.trainable_names]
+
+    def set_frozen_precision(self, device: torch.device | str) -> torch.dtype:
+        """Convert the frozen VAE and text encoder to the dtype of ``frozen_precision`` on ``device``
+        (:func:`frozen_dtype`); returns it. Logged once."""
+        dtype = frozen_dtype(self.hparams.frozen_precision, torch.device(device))
+        if self.vae.dtype != dtype or self.text_encoder.dtype != dtype:
+            self.vae.to(dtype)
+            self.text_encoder.to(dtype)
+        _info_once("model.frozen_precision=%s: VAE and text encoder in %s on %s", self.hparams.frozen_precision,
+                   str(dtype).removeprefix("torch."), torch.device(device).type)
+        return dtype
+
+    def cache_fingerprint(self) -> str:
+        """The model part of latent/text cache keys (:func:`atelier.text2image.latent_cache.model_fingerprint`):
+        the model directory, its encoders' weight files, their dtypes and the tokenizer length."""
+        return model_fingerprint(self.model_dir, model_id=str(self.hparams.pretrained_model),
+                                 vae_dtype=str(self.vae.dtype), text_dtype=str(self.text_encoder.dtype),
+                                 max_length=int(self.tokenizer.model_max_length))
 
     def train(self, mode: bool = True) -> StableDiffusionLoRA:
         """Train mode for the UNet (LoRA dropout); the frozen VAE and text encoder always stay in eval mode."""
@@ -162,26 +314,34 @@ class StableDiffusionLoRA(LightningModule):
 
     # ---------------------------------------------------------------- training
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states ``(B, max_length, hidden)`` for ``prompts`` (padded/truncated)."""
+        """Text-encoder hidden states ``(B, max_length, hidden)`` for ``prompts`` (padded/truncated), in the text
+        encoder's dtype."""
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
-
-    def per_sample_loss(self, images: torch.Tensor, prompts: Sequence[str],
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise-prediction loss per image ``(B,)`` float32 for ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``.
-
-        ``generator`` (CPU) fixes the VAE sample, noise and timesteps (validation); ``None`` draws fresh ones.
-        """
         with torch.no_grad():
-            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
-            hidden = self.encode_prompts(prompts)
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            return self.text_encoder(ids.to(self.device))[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent distributions ``(B, 2·C, H/8, W/8)`` (mean and log-variance moments, in the VAE's
+        dtype) of ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``; what the latent cache stores."""
+        with torch.no_grad():
+            return self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents ``(B, C, h, w)`` float32: one draw ``mean + std · ε`` from the distributions ``moments``
+        (computed in float32), times the VAE's ``scaling_factor``."""
+        dist = DiagonalGaussianDistribution(moments.to(self.device, torch.float32))
+        return dist.sample(generator=generator) * self.vae.config.scaling_factor
+
+    def latent_loss(self, latents: torch.Tensor, hidden: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise-prediction loss per image ``(B,)`` float32 for scaled ``latents`` ``(B, C, h, w)`` and text
+        ``hidden`` states ``(B, L, D)``: noise (with ``noise_offset``) and timesteps from ``generator``."""
+        noise = offset_noise(latents.shape, self.hparams.noise_offset, generator, latents.device, latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=generator).to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=hidden).sample
+        pred = self.unet(noisy, t, encoder_hidden_states=hidden.to(self.device, self.unet.dtype)).sample
         kind = self.noise_scheduler.config.prediction_type
         target = self.noise_scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -189,25 +349,57 @@ class StableDiffusionLoRA(LightningModule):
             per_sample = per_sample * min_snr_weight(self.snr[t], self.hparams.min_snr_gamma, kind)
         return per_sample
 
+    def per_sample_loss(self, images: torch.Tensor, prompts: Sequence[str],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise-prediction loss per image ``(B,)`` float32 for ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``.
+
+        ``generator`` (CPU) fixes the VAE sample, noise and timesteps (validation); ``None`` draws fresh ones.
+        """
+        moments = self.encode_images(images)
+        return self.latent_loss(self.sample_latents(moments, generator), self.encode_prompts(prompts), generator)
+
+    def _inputs(self, parts: Mapping[str, Any], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latent moments, hidden states)`` of the instance (``prefix=""``) or class (``"class_"``) part of an
+        unpacked batch: cached when the batch carries them, else encoded now."""
+        moments = parts.get(prefix + "latents")
+        if moments is None:
+            moments = self.encode_images(parts[prefix + "pixels"])
+        hidden = parts.get(prefix + "text_embeddings")
+        if hidden is None:
+            hidden = self.encode_prompts(parts[prefix + "captions"])
+        return moments.float(), hidden.to(self.device, self.unet.dtype)
+
     def loss_terms(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``loss`` (scalar to minimise), ``instance_loss`` and, for DreamBooth batches (with class images),
-        ``prior_loss``, where ``loss = instance_loss + prior_loss_weight · prior_loss``."""
-        images, captions = collate_check(batch)
-        b = images.shape[0]
-        if len(batch) == 4:
-            images = torch.cat([images, batch[2]])
-            captions = captions + list(batch[3])
-        per_sample = self.per_sample_loss(images, captions, generator)
+        ``prior_loss``, where ``loss = instance_loss + prior_loss_weight · prior_loss``.
+
+        ``batch`` is a captioned tuple of images or a dict of cached latents
+        (:func:`atelier.data.captioned_folder.unpack_batch`); instance and class images share one UNet call when
+        their shapes match (the class images of a bucketed run are square: then two calls)."""
+        parts = unpack_batch(batch)
+        moments, hidden = self._inputs(parts)
+        b = moments.shape[0]
+        if "class_captions" in parts:
+            class_moments, class_hidden = self._inputs(parts, "class_")
+            if class_moments.shape[1:] == moments.shape[1:]:
+                latents = self.sample_latents(torch.cat([moments, class_moments]), generator)
+                per_sample = self.latent_loss(latents, torch.cat([hidden, class_hidden]), generator)
+            else:
+                per_sample = torch.cat([
+                    self.latent_loss(self.sample_latents(moments, generator), hidden, generator),
+                    self.latent_loss(self.sample_latents(class_moments, generator), class_hidden, generator)])
+        else:
+            per_sample = self.latent_loss(self.sample_latents(moments, generator), hidden, generator)
         terms = {"instance_loss": per_sample[:b].mean()}
         terms["loss"] = terms["instance_loss"]
-        if len(batch) == 4:
+        if "class_captions" in parts:
             terms["prior_loss"] = per_sample[b:].mean()
             terms["loss"] = terms["loss"] + self.hparams.prior_loss_weight * terms["prior_loss"]
         return terms
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
-        b = batch[0].shape[0]
+        b = len(unpack_batch(batch)["captions"])
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=b)
         if "prior_loss" in terms:
             self.log_dict({"train/instance_loss": terms["instance_loss"], "train/prior_loss": terms["prior_loss"]},
@@ -216,21 +408,34 @@ class StableDiffusionLoRA(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         # fixed VAE sample, noise and timesteps per batch, so val/loss is comparable between evaluations
-        images, captions = collate_check(batch)
-        loss = self.per_sample_loss(images, captions, torch.Generator().manual_seed(batch_idx)).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
+        loss = self.loss_terms(batch, torch.Generator().manual_seed(batch_idx))["instance_loss"]
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(unpack_batch(batch)["captions"]), sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
-        return optimizers_config(self.trainer, self.lora_parameters(), self.optimizer_factory,
-                                 self.lr_scheduler_factory)
+        device = self.trainer.strategy.root_device
+        factory = adamw_variant(self.optimizer_factory, self.hparams.optimizer_variant, device)
+        return optimizers_config(self.trainer, self.lora_parameters(), factory, self.lr_scheduler_factory)
 
     def setup(self, stage: str) -> None:
-        """DreamBooth: before fitting, have the datamodule generate (once) and cache its missing class images with
+        """Put the frozen VAE and text encoder in the dtype of ``frozen_precision`` for the trainer's device;
+        DreamBooth: before fitting, have the datamodule generate (once) and cache its missing class images with
         the base model (LoRA is disabled while they are drawn)."""
+        if self._trainer is not None:
+            self.set_frozen_precision(self.trainer.strategy.root_device)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and getattr(datamodule, "prior_preservation", False):
             datamodule.ensure_class_images(self.generate_base)
+
+    def on_fit_start(self) -> None:
+        """With the datamodule's ``cache_latents``: encode the images (and captions) the run uses once, on the
+        training device, before the loaders are built (:meth:`CaptionedFolderDataModule.prepare_cache`; under DDP
+        the ranks share the work)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "cache_latents", False):
+            datamodule.prepare_cache(self.encode_images, self.encode_prompts, self.cache_fingerprint(),
+                                     rank=self.global_rank, world_size=self.trainer.world_size,
+                                     barrier=self.trainer.strategy.barrier)
 
     # ---------------------------------------------------------------- sampling
     def pipeline(self) -> StableDiffusionPipeline:
@@ -245,13 +450,18 @@ class StableDiffusionLoRA(LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """One image per prompt, image ``i`` from ``seeds[i]``: ``(N, 3, H, W)`` float32 in ``[-1, 1]`` (CPU)."""
+        """One image per prompt, image ``i`` from ``seeds[i]``: ``(N, 3, H, W)`` float32 in ``[-1, 1]`` (CPU).
+
+        With the frozen parts in another dtype than the UNet (``frozen_precision``), the pipeline runs under
+        autocast to the frozen dtype (that is what mixes them in training too)."""
         was_training = self.unet.training
         self.unet.eval()
+        mixed = self.vae.dtype != self.unet.dtype
         try:
-            out = self.pipeline()(list(prompts), num_inference_steps=self.hparams.num_inference_steps,
-                                  guidance_scale=self.hparams.guidance_scale, output_type="pt",
-                                  generator=[torch.Generator().manual_seed(int(s)) for s in seeds]).images
+            with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
+                out = self.pipeline()(list(prompts), num_inference_steps=self.hparams.num_inference_steps,
+                                      guidance_scale=self.hparams.guidance_scale, output_type="pt",
+                                      generator=[torch.Generator().manual_seed(int(s)) for s in seeds]).images
         finally:
             self.unet.train(was_training)
         return out.float().cpu() * 2 - 1

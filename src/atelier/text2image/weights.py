@@ -1,17 +1,24 @@
-"""Where Stable Diffusion weights come from: a local diffusers directory, the Hugging Face cache (hub id), or the
-tiny random-weight model. Nothing is downloaded unless the hub is reachable and ``HF_HUB_OFFLINE`` is unset."""
+"""Where Stable Diffusion weights come from: a local diffusers directory, the Hugging Face cache (hub id), the
+tiny random-weight model or the full-size random-weight SD 1.5 architecture. Nothing is downloaded unless the hub is
+reachable and ``HF_HUB_OFFLINE`` is unset."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from atelier.text2image.tiny import save_tiny_model
+import torch
+
+from atelier.text2image.sd15 import SD15_RANDOM, build_sd15_random, is_sd15_random, save_sd15_random
+from atelier.text2image.tiny import is_tiny, save_tiny_model
 
 #: ``model_id`` value that selects the tiny random-weight model (tests and smoke runs only)
 TINY = "tiny"
 #: where ``model_id=tiny`` builds its model when no directory is given
 DEFAULT_TINY_DIR = Path(os.environ.get("ATELIER_OUTPUT_DIR", "outputs")) / "tiny_sd"
+#: ``model_id`` values of the random-weight models (never results: labelled ``random_weights: true``)
+RANDOM_MODELS = (TINY, SD15_RANDOM)
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -41,7 +48,9 @@ def resolve_model(model_id: str, tiny_dir: str | Path | None = None) -> Path:
         model_id: ``tiny`` (the random-weight test model, built in ``tiny_dir`` once), a local directory written
             by ``save_pretrained``, or a hub id ``owner/name`` (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``)
             found in the Hugging Face cache or downloaded when online.
-        tiny_dir: where ``model_id=tiny`` lives (default :data:`DEFAULT_TINY_DIR`).
+        tiny_dir: where ``model_id=tiny`` lives (default :data:`DEFAULT_TINY_DIR`); ``model_id=sd15_random``
+            (the full-size SD 1.5 architecture with random weights, :mod:`atelier.text2image.sd15`: configs only,
+            no weight files) lives beside it, in ``<tiny_dir>/../sd15_random``.
 
     Raises:
         MissingWeightsError: (a ``FileNotFoundError``) when the weights are not found; the message names the id,
@@ -51,6 +60,8 @@ def resolve_model(model_id: str, tiny_dir: str | Path | None = None) -> Path:
     model_id = str(model_id)
     if model_id == TINY:
         return save_tiny_model(tiny_dir or DEFAULT_TINY_DIR)
+    if model_id == SD15_RANDOM:
+        return save_sd15_random(Path(tiny_dir or DEFAULT_TINY_DIR).expanduser().parent / SD15_RANDOM)
     local = Path(model_id).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
@@ -75,3 +86,30 @@ def resolve_model(model_id: str, tiny_dir: str | Path | None = None) -> Path:
     if not (path / "model_index.json").is_file():
         raise MissingWeightsError(f"{hint} (the snapshot {path} has no model_index.json)")
     return path
+
+
+def is_random_weights(path: str | Path) -> bool:
+    """True for the directory of a random-weight model (``tiny`` or ``sd15_random``): its output is no result."""
+    return is_tiny(path) or is_sd15_random(path)
+
+
+def load_sd_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None,
+                     dtypes: dict[str, torch.dtype] | None = None) -> Any:
+    """The SD 1.x/2.x ``StableDiffusionPipeline`` of the resolved directory ``path`` on the CPU, without a safety
+    checker: ``from_pretrained`` for weights on disk, freshly built random components for ``sd15_random``.
+
+    Args:
+        path: a directory from :func:`resolve_model`.
+        torch_dtype: dtype of all components (``None``: as stored, float32 for the random models).
+        dtypes: per-component dtypes (``unet``, ``vae``, ``text_encoder``), overriding ``torch_dtype``; components
+            are converted one at a time after loading.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if is_sd15_random(path):
+        return build_sd15_random(path, torch_dtype, dtypes)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch_dtype)
+    for name, dtype in (dtypes or {}).items():
+        getattr(pipe, name).to(dtype)
+    return pipe
