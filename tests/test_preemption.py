@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -59,21 +60,28 @@ def test_kill_9_then_relaunch_resumes_from_last_ckpt(tmp_path: Path, mnist_avail
     assert _metrics(run_dir)["global_step"] == MAX_STEPS // 6
 
 
+def _signal_after_first_steps(args: list[str], env: dict[str, str], run_dir: Path, log_file: Path,
+                              signum: int) -> subprocess.Popen[bytes]:
+    """Start a training, send ``signum`` once it has logged its first steps, wait for it to exit."""
+    proc = start_train(args, env, log_file)
+    try:
+        wait_for(lambda: "train/loss" in (run_dir / "csv" / "metrics.csv").read_text()
+                 if (run_dir / "csv" / "metrics.csv").exists() else False, proc, 240, "the first logged steps",
+                 log_file)
+        proc.send_signal(signum)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc
+
+
 def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path: Path, mnist_available) -> None:
     """Outside SLURM (or a preemption without warning): SIGTERM stops after the current step with last.ckpt."""
     run_dir = tmp_path / "run"
     args = tiny_args("ddpm", *LONG, "logger=csv", "callbacks.model_checkpoint.every_n_train_steps=1000",
                      f"hydra.run.dir={run_dir}")
-    proc = start_train(args, train_env(tmp_path / "outputs"), tmp_path / "job.log")
-    try:
-        wait_for(lambda: "train/loss" in (run_dir / "csv" / "metrics.csv").read_text()
-                 if (run_dir / "csv" / "metrics.csv").exists() else False, proc, 240, "the first logged steps",
-                 tmp_path / "job.log")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _signal_after_first_steps(args, train_env(tmp_path / "outputs"), run_dir, tmp_path / "job.log", signal.SIGTERM)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.exists(), (tmp_path / "job.log").read_text()[-3000:]
     assert 0 < _step(last) < MAX_STEPS
@@ -87,16 +95,7 @@ def test_warning_signal_without_submitit_checkpoints_and_stops(tmp_path: Path, m
     run_dir = tmp_path / "run"
     args = tiny_args("ddpm", *LONG, "callbacks.model_checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run_dir}")
     env = train_env(tmp_path / "outputs")
-    proc = start_train(args, env, tmp_path / "job.log")
-    try:
-        wait_for(lambda: "train/loss" in (run_dir / "csv" / "metrics.csv").read_text()
-                 if (run_dir / "csv" / "metrics.csv").exists() else False, proc, 240, "the first logged steps",
-                 tmp_path / "job.log")
-        proc.send_signal(signal.SIGUSR2)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = _signal_after_first_steps(args, env, run_dir, tmp_path / "job.log", signal.SIGUSR2)
     log_text = (tmp_path / "job.log").read_text()
     assert proc.returncode == 128 + signal.SIGUSR2, log_text[-3000:]
     assert "Traceback" not in log_text, log_text[-3000:]
