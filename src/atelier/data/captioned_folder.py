@@ -4,21 +4,44 @@ Built on :class:`atelier.data.art_folder.ArtFolderDataModule` (same file discove
 and loaders); this module adds the caption of each image, the DreamBooth class images, and the data features of
 LoRA training at scale: aspect-ratio buckets, caption dropout and tag shuffling, repeats, and cached latents and
 text embeddings.
+
+The pieces live beside it (their public names are importable from here too): captions (sidecar ``.txt`` files,
+dropout, tag shuffling, repeats) in :mod:`atelier.data.captions`, DreamBooth class images in
+:mod:`atelier.data.class_images`, the latent/text cache glue in :mod:`atelier.data.cached_latents`, and the batch
+layout (:func:`unpack_batch`) in :mod:`atelier.data.captioned_batch`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from atelier.data.art_folder import ArtFolderDataModule, ImageFolderDataset, find_images
+from atelier.data.art_folder import ArtFolderDataModule, ImageFolderDataset
+from atelier.data.cached_latents import (
+    ImageEncoder,
+    TextEncoder,
+    crop_key,
+    fill_cache,
+    load_cached_latent,
+    load_cached_text,
+)
+from atelier.data.captioned_batch import collate_check, unpack_batch
+from atelier.data.captions import (
+    CaptionOptions,
+    caption_for,
+    check_repeats,
+    has_sidecar_caption,
+    process_caption,
+    repeat_indices,
+    shuffle_tags,
+    sidecar_of,
+)
+from atelier.data.class_images import ImageGenerator, find_class_images, generate_class_images
 from atelier.data.image_io import load_rgb
 from atelier.data.transforms import art_transform, to_unit_range
 from atelier.text2image.buckets import (
@@ -32,99 +55,11 @@ from atelier.text2image.buckets import (
 )
 from atelier.text2image.latent_cache import LatentCache
 
+__all__ = ["CaptionOptions", "CaptionedDataset", "CaptionedFolderDataModule", "ImageEncoder", "ImageGenerator",
+           "TextEncoder", "caption_for", "collate_check", "process_caption", "shuffle_tags", "sidecar_of",
+           "unpack_batch"]
+
 log = logging.getLogger(__name__)
-
-#: ``generate(prompts, seeds) -> PIL images``, e.g. the base pipeline of the LoRA module
-ImageGenerator = Callable[[Sequence[str], Sequence[int]], list[Image.Image]]
-#: ``encode_images(pixels (B, 3, H, W) float32 in [-1, 1]) -> latent distributions (B, 2·C, H/8, W/8)``
-ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
-#: ``encode_texts(captions) -> hidden states (B, max_length, hidden)``
-TextEncoder = Callable[[Sequence[str]], torch.Tensor]
-
-
-def sidecar_of(path: Path) -> Path:
-    """The caption file of the image at ``path``: ``<name>.txt`` beside it."""
-    return path.with_suffix(".txt")
-
-
-def caption_for(path: Path, label: str, instance_prompt: str | None) -> str:
-    """The caption of the image at ``path``: its sidecar ``<name>.txt`` (stripped) when present, else
-    ``instance_prompt`` with ``{label}`` replaced by the image's subfolder name.
-
-    Raises:
-        ValueError: when there is neither a (non-empty) sidecar nor an ``instance_prompt``, naming the image.
-    """
-    sidecar = sidecar_of(path)
-    if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8").strip()
-        if text:
-            return text
-    if instance_prompt is None:
-        raise ValueError(f"{path} has no caption: write {sidecar.name} beside it or set data.instance_prompt")
-    return instance_prompt.replace("{label}", label)
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """How training captions vary from step to step (kohya's ``caption_dropout_rate``, ``shuffle_caption``,
-    ``keep_tokens``).
-
-    Args:
-        dropout: probability in ``[0, 1]`` that an instance caption is replaced by ``""`` (the unconditional
-            prompt, so the adapter also learns the unconditional branch of classifier-free guidance). Applies to
-            sidecar and ``instance_prompt`` captions alike, never to DreamBooth class captions.
-        shuffle_tags: shuffle the comma-separated tags of *sidecar* captions (``instance_prompt`` captions are
-            sentences and stay as they are).
-        keep_tokens: the first ``keep_tokens`` tags stay in front, in order (e.g. a trigger word); kohya counts
-            comma-separated tags as tokens.
-
-    Raises:
-        ValueError: for ``dropout`` outside ``[0, 1]`` or ``keep_tokens < 0``.
-    """
-
-    dropout: float = 0.0
-    shuffle_tags: bool = False
-    keep_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout <= 1.0:
-            raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.dropout}")
-        if self.keep_tokens < 0:
-            raise ValueError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
-
-    @property
-    def varies(self) -> bool:
-        """True when a caption can come out differently from step to step."""
-        return self.dropout > 0 or self.shuffle_tags
-
-
-def shuffle_tags(caption: str, keep_tokens: int = 0, generator: torch.Generator | None = None) -> str:
-    """``caption`` split at commas into tags (stripped, empty ones dropped); the first ``keep_tokens`` tags kept
-    in place, the rest permuted (``torch.randperm`` with ``generator``; ``None``: the global RNG); joined with
-    ``", "``."""
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    order = torch.randperm(len(tail), generator=generator).tolist() if len(tail) > 1 else range(len(tail))
-    return ", ".join(head + [tail[i] for i in order])
-
-
-def process_caption(caption: str, options: CaptionOptions, sidecar: bool,
-                    generator: torch.Generator | None = None) -> str:
-    """One training draw of ``caption``: ``""`` with probability ``options.dropout`` (one ``torch.rand`` draw),
-    else, for a ``sidecar`` caption with ``options.shuffle_tags``, its tags shuffled by :func:`shuffle_tags`.
-
-    ``generator`` (CPU) makes the draws reproducible; ``None`` uses the global RNG, which DataLoader workers seed
-    per worker."""
-    if options.dropout > 0 and float(torch.rand((), generator=generator)) < options.dropout:
-        return ""
-    if options.shuffle_tags and sidecar:
-        return shuffle_tags(caption, options.keep_tokens, generator)
-    return caption
-
-
-def _crop(mode: str, size: Bucket) -> dict[str, Any]:
-    """The crop part of a latent-cache key: how the image was fitted and to what ``(width, height)``."""
-    return {"mode": mode, "size": [int(size[0]), int(size[1])]}
 
 
 class CaptionedDataset(Dataset):
@@ -159,8 +94,7 @@ class CaptionedDataset(Dataset):
         self.images = images
         self.captions = [caption_for(p, images.classes[t], instance_prompt)
                          for p, t in zip(images.paths, images.targets, strict=True)]
-        self.sidecar = [sidecar_of(p).is_file() and bool(sidecar_of(p).read_text(encoding="utf-8").strip())
-                        for p in images.paths]
+        self.sidecar = [has_sidecar_caption(p) for p in images.paths]
         self.class_images = class_images
         self.class_prompt = class_prompt
         self.options = options or CaptionOptions()
@@ -183,7 +117,7 @@ class CaptionedDataset(Dataset):
 
     def crop(self, i: int) -> dict[str, Any]:
         """The latent-cache crop key of item ``i``."""
-        return _crop("bucket" if self.buckets is not None else "square", self.size(i))
+        return crop_key("bucket" if self.buckets is not None else "square", self.size(i))
 
     def pixels(self, i: int, flip: bool = False) -> torch.Tensor:
         """Item ``i``'s image ``(3, H, W)`` float32 in ``[-1, 1]``, deterministic (flipped left-right with ``flip``).
@@ -216,23 +150,6 @@ class CaptionedDataset(Dataset):
     def _flip(self) -> bool:
         return self.hflip and bool(torch.rand(()) < 0.5)
 
-    def _cached(self, path: Path, crop: Mapping[str, Any], flip: bool) -> torch.Tensor:
-        assert self.cache is not None
-        value = self.cache.load_latent(path, crop, flip)
-        if value is None:
-            raise RuntimeError(f"no cached latent for {path} ({crop}, flip={flip}): the file changed or the cache "
-                               f"under {self.cache.root} was cleared since training started; restart the run to "
-                               "re-encode it")
-        return value
-
-    def _text(self, caption: str) -> torch.Tensor:
-        assert self.cache is not None
-        value = self.cache.load_text(caption)
-        if value is None:
-            raise RuntimeError(f"no cached text embedding for caption {caption!r} under {self.cache.root}; restart "
-                               "the run to re-encode it")
-        return value
-
     # ------------------------------------------------------------------ items
     def __getitem__(self, i: int) -> Any:
         caption = self.caption(i)
@@ -243,18 +160,19 @@ class CaptionedDataset(Dataset):
                 return image, caption
             class_image, _ = self.class_images[i % n_class]
             return image, caption, class_image, self.class_prompt
-        item: dict[str, Any] = {"latents": self._cached(self.images.paths[i], self.crop(i), self._flip()),
+        item: dict[str, Any] = {"latents": load_cached_latent(self.cache, self.images.paths[i], self.crop(i),
+                                                              self._flip()),
                                 "caption": caption}
         if self.text_cached:
-            item["text_embedding"] = self._text(caption)
+            item["text_embedding"] = load_cached_text(self.cache, caption)
         if n_class:
             assert self.class_images is not None and self.class_prompt is not None
             s = int(self.class_images.image_size)
-            item["class_latents"] = self._cached(self.class_images.paths[i % n_class], _crop("square", (s, s)),
-                                                 self._flip())
+            item["class_latents"] = load_cached_latent(self.cache, self.class_images.paths[i % n_class],
+                                                       crop_key("square", (s, s)), self._flip())
             item["class_caption"] = self.class_prompt
             if self.text_cached:
-                item["class_text_embedding"] = self._text(self.class_prompt)
+                item["class_text_embedding"] = load_cached_text(self.cache, self.class_prompt)
         return item
 
 
@@ -317,8 +235,7 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
                          check_images=check_images, pin_memory=pin_memory, cache=cache, cache_dir=cache_dir)
         if class_prompt is not None and (class_data_dir is None or num_class_images < 1):
             raise ValueError("data.class_prompt needs data.class_data_dir and data.num_class_images >= 1")
-        if repeats < 1:
-            raise ValueError(f"data.repeats must be >= 1, got {repeats}")
+        check_repeats(repeats)
         if cache_latents and not latent_cache_dir:
             raise ValueError("data.cache_latents=true needs data.latent_cache_dir (a writable folder)")
         if cache_text_embeddings and not cache_latents:
@@ -349,9 +266,7 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
 
     def class_image_paths(self) -> list[Path]:
         """The cached class images (at most ``num_class_images``), sorted."""
-        if self.class_dir is None or not self.class_dir.is_dir():
-            return []
-        return find_images(self.class_dir)[: self.hparams.num_class_images]
+        return find_class_images(self.class_dir, self.hparams.num_class_images)
 
     def ensure_class_images(self, generate: ImageGenerator, batch_size: int = 4) -> list[Path]:
         """Generate the missing class images with ``generate(prompts, seeds)`` (seed = image index) and cache them
@@ -365,12 +280,8 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
         if missing > 0:
             log.info("generating %d DreamBooth class images for %r into %s", missing, self.hparams.class_prompt,
                      self.class_dir)
-            self.class_dir.mkdir(parents=True, exist_ok=True)
-            for first in range(len(have), self.hparams.num_class_images, batch_size):
-                seeds = list(range(first, min(first + batch_size, self.hparams.num_class_images)))
-                for seed, image in zip(seeds, generate([self.hparams.class_prompt] * len(seeds), seeds),
-                                       strict=True):
-                    image.save(self.class_dir / f"class_{seed:05d}.png")
+            generate_class_images(self.class_dir, self.hparams.class_prompt, len(have), self.hparams.num_class_images,
+                                  generate, batch_size)
         self._attach_captions()
         return self.class_image_paths()
 
@@ -419,7 +330,7 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
         train = CaptionedDataset(train_full, hp.instance_prompt, class_set, hp.class_prompt,
                                  options=self.caption_options, hflip=hp.hflip, **common)
         val = CaptionedDataset(val_full, hp.instance_prompt, hflip=False, **common)
-        self.train_set = Subset(train, [i for _ in range(hp.repeats) for i in train_idx])
+        self.train_set = Subset(train, repeat_indices(train_idx, hp.repeats))
         self.val_set = Subset(val, val_idx)
 
     # ------------------------------------------------------------------ cached latents and text embeddings
@@ -462,55 +373,22 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
         train, val = self.train_set.dataset, self.val_set.dataset  # type: ignore[union-attr]
         assert isinstance(train, CaptionedDataset) and isinstance(val, CaptionedDataset)
         _, _, train_idx, val_idx = self._sources  # type: ignore[misc]
-        jobs: dict[tuple[str, str, bool], tuple[CaptionedDataset, int, dict[str, Any], bool]] = {}
         flips = (False, True) if hp.hflip else (False,)
-        for ds, indices, options in ((train, train_idx, flips), (val, val_idx, (False,))):
-            for i in indices:
-                for flip in options:
-                    crop = ds.crop(i)
-                    jobs[(str(ds.images.paths[i]), str(crop), flip)] = (ds, i, crop, flip)
+        groups: list[tuple[CaptionedDataset, Sequence[int], Sequence[bool]]] = [
+            (train, train_idx, flips), (val, val_idx, (False,))]
         if train.class_images is not None:
             class_ds = CaptionedDataset(train.class_images, hp.class_prompt)
-            for i in range(len(class_ds)):
-                for flip in flips:
-                    crop = class_ds.crop(i)
-                    jobs[(str(class_ds.images.paths[i]), str(crop), flip)] = (class_ds, i, crop, flip)
-        todo = [job for key, job in sorted(jobs.items())
-                if cache.load_latent(job[0].images.paths[job[1]], job[2], job[3]) is None]
-        mine = todo[rank::world_size]
-        by_size: dict[Bucket, list[tuple[CaptionedDataset, int, dict[str, Any], bool]]] = {}
-        for job in mine:
-            by_size.setdefault(job[0].size(job[1]), []).append(job)
-        step = batch_size or hp.batch_size
-        for group in by_size.values():
-            for first in range(0, len(group), step):
-                chunk = group[first:first + step]
-                pixels = torch.stack([ds.pixels(i, flip) for ds, i, _, flip in chunk])
-                with torch.no_grad():
-                    encoded = encode_images(pixels)
-                for (ds, i, crop, flip), value in zip(chunk, encoded, strict=True):
-                    cache.save_latent(ds.images.paths[i], crop, flip, value)
-        texts_todo: list[str] = []
-        texts_all: list[str] = []
-        if self.text_cached:
-            texts_all = train.fixed_captions() + val.fixed_captions()
-            texts_all = sorted(set(texts_all))
-            texts_todo = [c for c in texts_all if cache.load_text(c) is None][rank::world_size]
-            for first in range(0, len(texts_todo), step):
-                chunk = texts_todo[first:first + step]
-                with torch.no_grad():
-                    hidden = encode_texts(chunk)
-                for caption, value in zip(chunk, hidden, strict=True):
-                    cache.save_text(caption, value)
-        elif hp.cache_text_embeddings:
+            groups.append((class_ds, range(len(class_ds)), flips))
+        captions = sorted(set(train.fixed_captions() + val.fixed_captions())) if self.text_cached else []
+        counts = fill_cache(cache, groups, captions, encode_images, encode_texts, batch_size or hp.batch_size,
+                            rank, world_size)
+        if not self.text_cached and hp.cache_text_embeddings:
             log.info("data.cache_text_embeddings: not used with data.shuffle_tags=true (a new caption every step); "
                      "the text encoder runs in every step")
         if barrier is not None:
             barrier()
         self.latent_cache = cache
         self._attach_captions()
-        counts = {"latents_encoded": len(mine), "latents_reused": len(jobs) - len(todo),
-                  "texts_encoded": len(texts_todo), "texts_reused": len(texts_all) - len(texts_todo)}
         log.info("latent cache %s: %d latents encoded, %d reused; %d text embeddings encoded, %d reused",
                  self.latent_cache_dir, counts["latents_encoded"], counts["latents_reused"], counts["texts_encoded"],
                  counts["texts_reused"])
@@ -540,39 +418,3 @@ class CaptionedFolderDataModule(ArtFolderDataModule):
             assert isinstance(self.val_set, Subset)
             return self._bucket_loader(self.val_set, shuffle=False)
         return super().val_dataloader()
-
-
-def collate_check(batch: Any) -> tuple[torch.Tensor, list[str]]:
-    """``(images, captions)`` of a captioned batch; raises ``TypeError`` for anything else."""
-    if not isinstance(batch, list | tuple) or len(batch) < 2 or not isinstance(batch[1], list | tuple):
-        raise TypeError("expected a captioned batch (images, captions[, class_images, class_captions]) from "
-                        "CaptionedFolderDataModule (data=art_captions)")
-    return batch[0], list(batch[1])
-
-
-def unpack_batch(batch: Any) -> dict[str, Any]:
-    """A captioned batch of either kind as one dict: ``captions`` (list of B strings) and either ``pixels``
-    ``(B, 3, H, W)`` or ``latents`` ``(B, 2·C, h, w)``; optionally ``text_embeddings`` ``(B, L, D)``, and for
-    DreamBooth ``class_pixels``/``class_latents``, ``class_captions``, ``class_text_embeddings``.
-
-    Raises:
-        TypeError: for a batch that is neither a captioned tuple nor a cached-latents dict.
-    """
-    if isinstance(batch, Mapping):
-        if "latents" not in batch or "caption" not in batch:
-            raise TypeError(f"a cached batch needs 'latents' and 'caption', got keys {sorted(batch)}")
-        out: dict[str, Any] = {"latents": batch["latents"], "captions": list(batch["caption"])}
-        if "text_embedding" in batch:
-            out["text_embeddings"] = batch["text_embedding"]
-        if "class_latents" in batch:
-            out["class_latents"] = batch["class_latents"]
-            out["class_captions"] = list(batch["class_caption"])
-            if "class_text_embedding" in batch:
-                out["class_text_embeddings"] = batch["class_text_embedding"]
-        return out
-    images, captions = collate_check(batch)
-    out = {"pixels": images, "captions": captions}
-    if len(batch) == 4:
-        out["class_pixels"] = batch[2]
-        out["class_captions"] = list(batch[3])
-    return out

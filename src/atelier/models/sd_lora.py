@@ -1,10 +1,15 @@
 """LoRA fine-tuning of Stable Diffusion (Hu et al. 2021) with an optional DreamBooth prior-preservation loss
-(Ruiz et al. 2023), as a LightningModule."""
+(Ruiz et al. 2023), as a LightningModule.
+
+Its helpers live beside it, by concept (their public names are importable from here too): the AdamW variant in
+:mod:`atelier.models.adamw_variants`, the frozen parts' dtype in :mod:`atelier.text2image.frozen_precision`, the
+loss (noise prediction, offset noise, DreamBooth prior preservation) in :mod:`atelier.models.lora_loss`, the
+adapter's targets, size and saving in :mod:`atelier.text2image.lora_adapter`, sampling from the components and the
+validation images in :mod:`atelier.text2image.lora_sampling`.
+"""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import logging
 from collections import OrderedDict
@@ -13,35 +18,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils import convert_state_dict_to_diffusers
-from diffusers.utils.torch_utils import randn_tensor
 from lightning import LightningModule
-from lightning.pytorch.loggers import WandbLogger
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from atelier.callbacks.samples import save_grid
-from atelier.data.captioned_folder import unpack_batch
-from atelier.models.ddpm import min_snr_weight
+from atelier.data.captioned_batch import unpack_batch
+from atelier.models.adamw_variants import OPTIMIZER_VARIANTS, check_optimizer_variant, select_adamw
+from atelier.models.lora_loss import (
+    instance_and_class_loss,
+    noise_prediction_loss,
+    offset_noise,
+    prior_preservation_terms,
+)
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
+from atelier.text2image.frozen_precision import FROZEN_PRECISIONS, check_frozen_precision, frozen_dtype
 from atelier.text2image.latent_cache import model_fingerprint
-from atelier.text2image.pipeline import LORA_WEIGHTS
-from atelier.text2image.schedulers import SD_SAMPLERS, make_sd_scheduler
+from atelier.text2image.lora_adapter import DEFAULT_TARGETS, add_unet_lora, lora_parameter_count, save_unet_lora
+from atelier.text2image.lora_sampling import (
+    component_pipeline,
+    generate_images,
+    save_validation_images,
+    to_pil,
+    to_uint8,
+)
+from atelier.text2image.schedulers import SD_SAMPLERS
 from atelier.text2image.weights import is_random_weights, load_sd_pipeline, resolve_model
-from atelier.utils.precision import cpu_bf16_matrix_units
+
+__all__ = ["DEFAULT_TARGETS", "FROZEN_PRECISIONS", "OPTIMIZER_VARIANTS", "StableDiffusionLoRA", "adamw_variant",
+           "frozen_dtype", "lora_parameter_count", "offset_noise"]
 
 log = logging.getLogger(__name__)
-
-#: the UNet attention projections LoRA adapts by default (query, key, value, output of every attention)
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-#: ``frozen_precision`` values: dtype of the frozen VAE and text encoder
-FROZEN_PRECISIONS = ("auto", "fp32", "bf16")
-#: ``optimizer_variant`` values (applied when the optimizer is ``torch.optim.AdamW``)
-OPTIMIZER_VARIANTS = ("adamw", "auto", "fused", "8bit")
 _said: set[str] = set()
 
 
@@ -53,93 +60,14 @@ def _info_once(message: str, *args: Any) -> None:
         log.info(text)
 
 
-def frozen_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen VAE and text encoder for ``precision`` on ``device``.
-
-    ``auto``: bf16 on CUDA; on a CPU bf16 only where it pays, i.e. with bf16 matrix units (AMX,
-    :func:`atelier.utils.precision.cpu_bf16_matrix_units`; without them bf16 convolutions run at a fraction of fp32
-    speed); fp32 elsewhere (MPS, other CPUs). ``fp32`` and ``bf16`` are taken as they are.
-
-    Raises:
-        ValueError: for a value not in :data:`FROZEN_PRECISIONS`.
-    """
-    if precision not in FROZEN_PRECISIONS:
-        raise ValueError(f"model.frozen_precision={precision!r} is not allowed; choose one of {FROZEN_PRECISIONS}")
-    if precision == "bf16" or (precision == "auto" and (
-            device.type == "cuda" or (device.type == "cpu" and cpu_bf16_matrix_units()))):
-        return torch.bfloat16
-    return torch.float32
-
-
-def offset_noise(shape: Sequence[int], noise_offset: float = 0.0, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Training noise ``ε ~ N(0, I)`` of ``shape`` ``(B, C, h, w)`` plus, with ``noise_offset`` > 0, a per-image,
-    per-channel constant ``noise_offset · N(0, 1)`` of shape ``(B, C, 1, 1)`` (Guttenberg 2023, "Diffusion with
-    offset noise"): the model then also learns to shift an image's mean brightness, which plain ε-training barely
-    does (very dark or bright images). The offset is drawn after ε, from the same ``generator``."""
-    noise = randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
-    if noise_offset:
-        offset = randn_tensor((shape[0], shape[1], 1, 1), generator=generator, device=torch.device(device),
-                              dtype=dtype)
-        noise = noise + noise_offset * offset
-    return noise
-
-
 def adamw_variant(factory: OptimizerFactory, variant: str, device: torch.device) -> OptimizerFactory:
-    """The optimiser factory for ``variant`` when ``factory`` is a partial of ``torch.optim.AdamW``.
-
-    * ``adamw``: ``factory`` as it is (PyTorch's default, the multi-tensor ``foreach`` kernels).
-    * ``fused``: ``AdamW(fused=True)`` (one kernel for all parameters) on CUDA.
-    * ``8bit``: bitsandbytes' ``AdamW8bit`` (optimizer state in 8 bits) on CUDA with bitsandbytes installed.
-    * ``auto``: ``fused`` on CUDA, ``adamw`` elsewhere. (8-bit state is not the default: the optimizer state of a
-      LoRA is a few MB (two fp32 moments of 0.8-13 M parameters at rank 4-64 on SD 1.5), so 8 bits save at most
-      ~0.1 GB and add quantization noise; they pay for full fine-tuning.)
-
-    Where a variant is not available it falls back (``8bit`` → ``fused`` → ``adamw``) with one info line; for another
-    optimiser class ``factory`` is returned unchanged (one info line unless ``variant`` is ``adamw``).
+    """The optimiser factory for ``model.optimizer_variant`` (:func:`atelier.models.adamw_variants.select_adamw`:
+    ``adamw``, ``fused``, ``8bit`` or ``auto``, with fallbacks), its info lines logged once per process.
 
     Raises:
         ValueError: for a variant not in :data:`OPTIMIZER_VARIANTS`.
     """
-    if variant not in OPTIMIZER_VARIANTS:
-        raise ValueError(f"model.optimizer_variant={variant!r} is not allowed; choose one of {OPTIMIZER_VARIANTS}")
-    if variant == "adamw":
-        return factory
-    if not (isinstance(factory, functools.partial) and factory.func is torch.optim.AdamW):
-        _info_once("model.optimizer_variant=%s applies to torch.optim.AdamW only; using the configured optimizer "
-                   "as it is", variant)
-        return factory
-    cuda = device.type == "cuda"
-    if variant == "8bit":
-        if cuda and importlib.util.find_spec("bitsandbytes") is not None:
-            import bitsandbytes as bnb
-
-            _info_once("optimizer: bitsandbytes AdamW8bit (8-bit optimizer state)")
-            return functools.partial(bnb.optim.AdamW8bit, *factory.args, **factory.keywords)
-        _info_once("model.optimizer_variant=8bit needs CUDA and bitsandbytes (%s); falling back to %s",
-                   "no CUDA device" if not cuda else "bitsandbytes not installed",
-                   "fused AdamW" if cuda else "AdamW")
-    elif variant == "fused" and not cuda:
-        _info_once("model.optimizer_variant=fused: fused AdamW is used on CUDA only; falling back to AdamW on %s",
-                   device.type)
-    if cuda:
-        _info_once("optimizer: fused AdamW (AdamW(fused=True))")
-        return functools.partial(torch.optim.AdamW, *factory.args, **{**factory.keywords, "fused": True})
-    return factory
-
-
-def lora_parameter_count(unet: torch.nn.Module, rank: int, target_modules: Sequence[str] = DEFAULT_TARGETS) -> int:
-    """Trainable parameters of a rank-``rank`` LoRA on ``unet``'s linear/conv modules whose names end with one of
-    ``target_modules`` (peft's matching): ``rank · (d_in + d_out)`` per module. Works on a meta-device UNet."""
-    total = 0
-    for name, module in unet.named_modules():
-        if any(name == t or name.endswith("." + t) for t in target_modules):
-            if isinstance(module, torch.nn.Linear):
-                total += rank * (module.in_features + module.out_features)
-            elif isinstance(module, torch.nn.Conv2d):
-                k = module.kernel_size[0] * module.kernel_size[1]
-                total += rank * (module.in_channels * k + module.out_channels)
-    return total
+    return select_adamw(factory, variant, device, note=_info_once)
 
 
 class StableDiffusionLoRA(LightningModule):
@@ -219,12 +147,8 @@ class StableDiffusionLoRA(LightningModule):
         super().__init__()
         if rank < 1:
             raise ValueError(f"model.rank must be >= 1, got {rank}")
-        if frozen_precision not in FROZEN_PRECISIONS:
-            raise ValueError(f"model.frozen_precision={frozen_precision!r} is not allowed; choose one of "
-                             f"{FROZEN_PRECISIONS}")
-        if optimizer_variant not in OPTIMIZER_VARIANTS:
-            raise ValueError(f"model.optimizer_variant={optimizer_variant!r} is not allowed; choose one of "
-                             f"{OPTIMIZER_VARIANTS}")
+        check_frozen_precision(frozen_precision)
+        check_optimizer_variant(optimizer_variant)
         if noise_offset < 0:
             raise ValueError(f"model.noise_offset must be >= 0, got {noise_offset}")
         if sampler not in SD_SAMPLERS:
@@ -247,11 +171,7 @@ class StableDiffusionLoRA(LightningModule):
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for net in (self.vae, self.text_encoder, self.unet):
             net.requires_grad_(False)
-        try:
-            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=lora_dropout,
-                                             init_lora_weights="gaussian", target_modules=target_modules))
-        except ValueError as err:
-            raise ValueError(f"model.target_modules={target_modules}: {err}") from err
+        add_unet_lora(self.unet, rank, alpha, lora_dropout, target_modules)
         self.trainable_names = {n for n, p in self.named_parameters() if p.requires_grad}
         if not self.trainable_names:
             raise ValueError(f"model.target_modules={list(target_modules)} matched no UNet module")
@@ -337,17 +257,8 @@ class StableDiffusionLoRA(LightningModule):
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise-prediction loss per image ``(B,)`` float32 for scaled ``latents`` ``(B, C, h, w)`` and text
         ``hidden`` states ``(B, L, D)``: noise (with ``noise_offset``) and timesteps from ``generator``."""
-        noise = offset_noise(latents.shape, self.hparams.noise_offset, generator, latents.device, latents.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=generator).to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=hidden.to(self.device, self.unet.dtype)).sample
-        kind = self.noise_scheduler.config.prediction_type
-        target = self.noise_scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.hparams.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weight(self.snr[t], self.hparams.min_snr_gamma, kind)
-        return per_sample
+        return noise_prediction_loss(self.unet, self.noise_scheduler, latents, hidden.to(self.device, self.unet.dtype),
+                                     self.hparams.noise_offset, self.hparams.min_snr_gamma, self.snr, generator)
 
     def per_sample_loss(self, images: torch.Tensor, prompts: Sequence[str],
                         generator: torch.Generator | None = None) -> torch.Tensor:
@@ -374,28 +285,21 @@ class StableDiffusionLoRA(LightningModule):
         ``prior_loss``, where ``loss = instance_loss + prior_loss_weight · prior_loss``.
 
         ``batch`` is a captioned tuple of images or a dict of cached latents
-        (:func:`atelier.data.captioned_folder.unpack_batch`); instance and class images share one UNet call when
-        their shapes match (the class images of a bucketed run are square: then two calls)."""
+        (:func:`atelier.data.captioned_batch.unpack_batch`); instance and class images share one UNet call when
+        their shapes match (the class images of a bucketed run are square: then two calls; see
+        :mod:`atelier.models.lora_loss`)."""
         parts = unpack_batch(batch)
         moments, hidden = self._inputs(parts)
         b = moments.shape[0]
-        if "class_captions" in parts:
-            class_moments, class_hidden = self._inputs(parts, "class_")
-            if class_moments.shape[1:] == moments.shape[1:]:
-                latents = self.sample_latents(torch.cat([moments, class_moments]), generator)
-                per_sample = self.latent_loss(latents, torch.cat([hidden, class_hidden]), generator)
-            else:
-                per_sample = torch.cat([
-                    self.latent_loss(self.sample_latents(moments, generator), hidden, generator),
-                    self.latent_loss(self.sample_latents(class_moments, generator), class_hidden, generator)])
-        else:
-            per_sample = self.latent_loss(self.sample_latents(moments, generator), hidden, generator)
-        terms = {"instance_loss": per_sample[:b].mean()}
-        terms["loss"] = terms["instance_loss"]
-        if "class_captions" in parts:
-            terms["prior_loss"] = per_sample[b:].mean()
-            terms["loss"] = terms["loss"] + self.hparams.prior_loss_weight * terms["prior_loss"]
-        return terms
+
+        def loss(m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            return self.latent_loss(self.sample_latents(m, generator), h, generator)
+
+        if "class_captions" not in parts:
+            return prior_preservation_terms(loss(moments, hidden)[:b], None)
+        class_moments, class_hidden = self._inputs(parts, "class_")
+        per_sample = instance_and_class_loss(loss, moments, hidden, class_moments, class_hidden)
+        return prior_preservation_terms(per_sample[:b], per_sample[b:], self.hparams.prior_loss_weight)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
@@ -441,12 +345,8 @@ class StableDiffusionLoRA(LightningModule):
     def pipeline(self) -> StableDiffusionPipeline:
         """A ``StableDiffusionPipeline`` over this module's components (LoRA active) with the configured sampler;
         no copy of the weights."""
-        scheduler = make_sd_scheduler(self.hparams.sampler, self.noise_scheduler.config)
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return component_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.hparams.sampler,
+                                  self.noise_scheduler.config)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
@@ -454,17 +354,8 @@ class StableDiffusionLoRA(LightningModule):
 
         With the frozen parts in another dtype than the UNet (``frozen_precision``), the pipeline runs under
         autocast to the frozen dtype (that is what mixes them in training too)."""
-        was_training = self.unet.training
-        self.unet.eval()
-        mixed = self.vae.dtype != self.unet.dtype
-        try:
-            with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
-                out = self.pipeline()(list(prompts), num_inference_steps=self.hparams.num_inference_steps,
-                                      guidance_scale=self.hparams.guidance_scale, output_type="pt",
-                                      generator=[torch.Generator().manual_seed(int(s)) for s in seeds]).images
-        finally:
-            self.unet.train(was_training)
-        return out.float().cpu() * 2 - 1
+        return generate_images(self.pipeline(), prompts, seeds, self.hparams.num_inference_steps,
+                               self.hparams.guidance_scale, self.device.type)
 
     def generate_base(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         """Images of the base model (LoRA disabled) as PIL, for DreamBooth class images."""
@@ -473,8 +364,7 @@ class StableDiffusionLoRA(LightningModule):
             images = self.generate(prompts, seeds)
         finally:
             self.unet.enable_adapters()
-        return [Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-                for x in images]
+        return to_pil(images)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images ``(n, 3, H, W)`` in ``[-1, 1]`` for the validation prompts (cycled; ``"a painting"`` when
@@ -490,18 +380,13 @@ class StableDiffusionLoRA(LightningModule):
         images = self.generate(prompts, list(range(len(prompts))))
         step = self.global_step
         if self.trainer.is_global_zero:
-            path = save_grid(images, Path(self.trainer.default_root_dir) / "samples" / f"val_step_{step:07d}.png")
-            for logger in self.trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key="val/images", images=[(x + 1) / 2 for x in images], caption=prompts,
-                                     step=step)
+            path = save_validation_images(self.trainer, images, prompts, step)
             log.info("validation images: %s", path)
         metric = self.clip_metric()
         if metric is not None:
             from atelier.text2image.clip_score import clip_scores
 
-            uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            score = clip_scores(metric, uint8, prompts).mean()
+            score = clip_scores(metric, to_uint8(images), prompts).mean()
             metric.reset()
             self.log("val/clip_score", score, sync_dist=True)
 
@@ -523,18 +408,11 @@ class StableDiffusionLoRA(LightningModule):
         """Write the UNet LoRA adapter in diffusers' format to ``path/pytorch_lora_weights.safetensors`` (with its
         rank/alpha metadata, readable by ``pipe.load_lora_weights(path)``) plus ``atelier_lora.json`` (base model,
         rank, alpha, targets); returns the file."""
-        path = Path(path)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        config = self.unet.peft_config["default"].to_dict()
-        metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-        StableDiffusionPipeline.save_lora_weights(save_directory=str(path), unet_lora_layers=layers,
-                                                  safe_serialization=True, unet_lora_adapter_metadata=metadata)
         info = {"pretrained_model": self.hparams.pretrained_model, "model_dir": str(self.model_dir),
                 "random_weights": self.random_weights, "rank": self.hparams.rank, "alpha": self.hparams.alpha,
                 "target_modules": list(self.hparams.target_modules), "global_step": self.global_step if
                 self._trainer is not None else None}
-        (path / "atelier_lora.json").write_text(json.dumps(info, indent=2))
-        return path / LORA_WEIGHTS
+        return save_unet_lora(self.unet, path, info)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
