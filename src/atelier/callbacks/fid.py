@@ -23,7 +23,7 @@ from atelier.metrics.evaluator import Evaluator
 
 log = logging.getLogger(__name__)
 
-LOGGED = ("fid", "kid", "is", "class_coverage")
+LOGGED = ("fid", "kid", "is", "precision", "recall", "class_coverage")
 
 
 class FIDCallback(Callback):

@@ -17,20 +17,21 @@ import torch
 from torch import nn
 
 from atelier.metrics.cache import ReferenceCache, ReferenceStats, dataset_identity, resolve_split
+from atelier.metrics.precision_recall import DEFAULT_K
 from atelier.metrics.protocol import EvalProtocol
-from atelier.metrics.suite import METRICS, GenerativeMetrics, build_extractor, check_metrics
+from atelier.metrics.suite import DEFAULT_METRICS, GenerativeMetrics, build_extractor, check_metrics
 from atelier.sampling.interface import accepted_kwargs
 
 log = logging.getLogger(__name__)
 
 
 class Evaluator:
-    """FID/KID/IS of a generative module's samples against a datamodule's reference split.
+    """FID/KID/IS and precision/recall of a generative module's samples against a datamodule's reference split.
 
     Args:
         feature_extractor: an extractor module or its config (``{"name": "mnist_classifier", "ckpt_path": ...}``).
         datamodule: the reference LightningDataModule (``setup`` is called when needed).
-        metrics: subset of ``("fid", "kid", "is")``.
+        metrics: subset of ``("fid", "kid", "is", "precision", "recall")`` (default: fid, kid, is).
         num_samples: generated images per evaluation.
         reference_split: ``train``, ``val``, ``test`` or ``None`` (test when present, else train).
         reference_size: reference images (the first ones of the split); ``None``: the whole split.
@@ -39,13 +40,20 @@ class Evaluator:
         batch_size: images per sampling call and per extractor call.
         seed: seed of the sampling noise and of KID/IS subset draws.
         device: where the extractor runs (the model stays where it is).
+        prc_k: k of the precision/recall k-NN radii (Kynkäänniemi et al. 2019: 3); they use the first
+            ``min(num_samples, reference_size)`` features of each side.
+
+    Raises:
+        ValueError: for unknown metrics, fewer than 2 samples, a non-positive batch size, a ``reference_size``
+            outside the split, or (with precision/recall) ``prc_k`` not below ``min(num_samples, reference_size)``.
     """
 
     def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module, datamodule: Any,
-                 metrics: Sequence[str] = METRICS, num_samples: int = 1000, reference_split: str | None = None,
+                 metrics: Sequence[str] = DEFAULT_METRICS, num_samples: int = 1000, reference_split: str | None = None,
                  reference_size: int | None = None, cache_dir: str | Path | None = None,
                  kid_subset_size: int | None = None, kid_subsets: int = 100, is_splits: int = 10,
-                 batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu") -> None:
+                 batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu", prc_k: int = DEFAULT_K
+                 ) -> None:
         self.metric_names = check_metrics(metrics)
         if int(num_samples) < 2:
             raise ValueError(f"num_samples={num_samples} is too small; FID/KID need at least 2 generated images")
@@ -61,11 +69,15 @@ class Evaluator:
             raise ValueError(f"reference_size={reference_size} is not allowed: the {self.split} split has {n} "
                              f"images; choose 2..{n} or null (all)")
         self.num_samples, self.reference_size = int(num_samples), int(reference_size)
+        self.prc_k = int(prc_k) if {"precision", "recall"} & set(self.metric_names) else None
+        if self.prc_k is not None and not 1 <= self.prc_k < min(self.num_samples, self.reference_size):
+            raise ValueError(f"prc_k={prc_k} is not allowed with num_samples={self.num_samples} and reference_size="
+                             f"{self.reference_size}: choose 1 ≤ prc_k < {min(self.num_samples, self.reference_size)}")
         self.cache = ReferenceCache(cache_dir)
         self.kid_subset_size, self.kid_subsets, self.is_splits = kid_subset_size, kid_subsets, is_splits
         self.batch_size, self.seed, self.device = int(batch_size), int(seed), device
         self.metrics = GenerativeMetrics(self.extractor, self.metric_names, kid_subsets, kid_subset_size,
-                                         is_splits).to(device)
+                                         is_splits, prc_k=self.prc_k or DEFAULT_K).to(device)
         self._reference: ReferenceStats | None = None
         self.cache_hit: bool | None = None
         num_features = int(self.extractor.num_features)
@@ -81,12 +93,14 @@ class Evaluator:
         kid_size = None
         if "kid" in self.metric_names:
             kid_size = self.kid_subset_size or min(1000, self.num_samples, self.reference_size)
+        prc_n = min(self.num_samples, self.reference_size) if self.prc_k is not None else None
         return EvalProtocol(
             extractor=e.name, weights=e.weights, weights_sha256=e.weights_sha256, feature_layer=e.feature_layer,
             num_features=int(e.num_features), input_size=int(e.input_size), resize=resize, antialias=e.antialias,
             channels=e.channels, dataset=dataset_identity(self.datamodule), reference_split=self.split,
             reference_size=self.reference_size, num_samples=self.num_samples, kid_subset_size=kid_size,
-            kid_subsets=self.kid_subsets, is_splits=self.is_splits, seed=self.seed,
+            kid_subsets=self.kid_subsets, is_splits=self.is_splits, prc_k=self.prc_k, prc_num_real=prc_n,
+            prc_num_fake=prc_n, seed=self.seed,
             sampling={k: v for k, v in (sampling or {}).items() if k != "labels"},
         )
 

@@ -15,8 +15,14 @@ from torch import nn
 from atelier.metrics.protocol import file_digest
 
 
-def load_classifier_net(ckpt_path: str | Path) -> nn.Module:
-    """The ``ClassifierNet`` of a checkpoint written by ``python train.py experiment=mnist_classifier``.
+def load_classifier_net(ckpt_path: str | Path, experiment: str = "mnist_classifier",
+                        env_var: str = "ATELIER_MNIST_CLASSIFIER", what: str = "MNIST classifier") -> nn.Module:
+    """The ``ClassifierNet`` of a checkpoint written by ``python train.py experiment=<experiment>``.
+
+    Args:
+        ckpt_path: the checkpoint.
+        experiment, env_var, what: named in the error messages (the experiment that writes the checkpoint to
+            ``outputs/<experiment>/classifier.ckpt``, the variable that overrides the path, the classifier's name).
 
     Raises:
         FileNotFoundError: when the checkpoint is missing (naming the path, the config key and the command that
@@ -28,15 +34,15 @@ def load_classifier_net(ckpt_path: str | Path) -> nn.Module:
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"MNIST classifier checkpoint {path} does not exist. Train it with `python train.py "
-            f"experiment=mnist_classifier` (writes outputs/mnist_classifier/classifier.ckpt) or set "
-            f"feature_extractor.ckpt_path (or $ATELIER_MNIST_CLASSIFIER) to a classifier checkpoint."
+            f"{what} checkpoint {path} does not exist. Train it with `python train.py "
+            f"experiment={experiment}` (writes outputs/{experiment}/classifier.ckpt) or set "
+            f"feature_extractor.ckpt_path (or ${env_var}) to a classifier checkpoint."
         )
     module = load_module(path)
     net = getattr(module, "net", None)
     if net is None or not callable(getattr(net, "features", None)):
-        raise TypeError(f"feature_extractor.ckpt_path={path} holds a {type(module).__name__}, not an MNIST "
-                        f"classifier (atelier.models.classifier.MNISTClassifier)")
+        raise TypeError(f"feature_extractor.ckpt_path={path} holds a {type(module).__name__}, not a classifier "
+                        f"(atelier.models.classifier.MNISTClassifier, python train.py experiment={experiment})")
     return net
 
 

@@ -2,7 +2,8 @@
 
 FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"),
 KID (Bińkowski et al. 2018, "Demystifying MMD GANs") and IS (Salimans et al. 2016, "Improved Techniques for
-Training GANs") all depend on the feature network and its weights, on how images are quantised and resized
+Training GANs") and precision/recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric for
+Assessing Generative Models") all depend on the feature network and its weights, on how images are quantised and resized
 before it, on the number of samples and on the reference set. :class:`EvalProtocol` holds all of these; its
 :meth:`EvalProtocol.reference_key` covers the fields that determine the reference statistics (the cache key).
 """
@@ -75,6 +76,9 @@ class EvalProtocol:
         num_samples: number of generated images.
         kid_subset_size: KID subset size actually used; kid_subsets: number of KID subsets.
         is_splits: Inception-Score splits.
+        prc_k: k of the precision/recall k-NN radii (``None`` when neither was computed).
+        prc_num_real, prc_num_fake: real and generated features precision/recall were computed on (the first
+            ones of each side; equal counts, ``min(num_samples, reference_size)``, as Kynkäänniemi et al. 2019).
         seed: seed of the generator noise and of KID/IS subset draws.
         sampling: sampler options passed to ``model.sample`` (e.g. ``{"sampler": "ddim", ...}``).
     """
@@ -97,6 +101,9 @@ class EvalProtocol:
     kid_subset_size: int | None = None
     kid_subsets: int = 100
     is_splits: int = 10
+    prc_k: int | None = None
+    prc_num_real: int | None = None
+    prc_num_fake: int | None = None
     seed: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -130,4 +137,5 @@ class EvalProtocol:
             f"reference: {p.dataset.get('name', p.dataset)} split={p.reference_split}, {p.reference_size} images",
             f"generated: {p.num_samples} samples, seed {p.seed}, sampling {p.sampling or 'model defaults'}",
             f"KID: subsets={p.kid_subsets}, subset_size={p.kid_subset_size}; IS: splits={p.is_splits}",
-        ])
+        ] + ([f"precision/recall: k={p.prc_k}, {p.prc_num_real} real and {p.prc_num_fake} generated features"]
+             if p.prc_k is not None else []))

@@ -6,6 +6,9 @@
   subsets; ``torchmetrics.image.KernelInceptionDistance``.
 - IS (Salimans et al. 2016): ``exp(E_x KL(p(y|x) || p(y)))`` over splits; ``torchmetrics.image.InceptionScore``
   (with the MNIST classifier's logits it is the classifier-based score used for MNIST, at most 10).
+- Precision and recall (Kynkäänniemi et al. 2019): fractions of generated features inside the real features'
+  k-NN manifold and of real features inside the generated one; :class:`.precision_recall.PrecisionRecall`
+  (torch-fidelity's computation). Not in the default set; ask for ``metrics=[fid,kid,precision,recall]``.
 
 Each metric gets a :class:`FeatureHead` as its ``feature=`` module; the heads share a :class:`SharedExtractor`
 that runs the network once per batch and hands each head its output (features or logits) in float64.
@@ -26,12 +29,16 @@ from torch import nn
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 
 from atelier.metrics.cache import ReferenceStats
+from atelier.metrics.precision_recall import DEFAULT_K, PrecisionRecall
 from atelier.metrics.protocol import to_uint8
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "kid", "is")
-EXTRACTORS = ("mnist_classifier", "inception")
+#: every metric name ``metrics`` may hold
+METRICS = ("fid", "kid", "is", "precision", "recall")
+#: the metrics computed when none are named
+DEFAULT_METRICS = ("fid", "kid", "is")
+EXTRACTORS = ("mnist_classifier", "art_classifier", "inception")
 DEFAULT_KID_SUBSET_SIZE = 1000
 
 
@@ -49,6 +56,10 @@ def build_extractor(cfg: Mapping[str, Any] | nn.Module) -> nn.Module:
         from atelier.metrics.mnist_features import MNISTClassifierFeatures
 
         return MNISTClassifierFeatures(**options)
+    if name == "art_classifier":
+        from atelier.metrics.art_features import ArtClassifierFeatures
+
+        return ArtClassifierFeatures(**options)
     if name == "inception":
         from atelier.metrics.inception import InceptionFeatures
 
@@ -103,11 +114,14 @@ class FeatureHead(nn.Module):
 
 
 class GenerativeMetrics(nn.Module):
-    """FID/KID/IS of generated images against reference statistics, plus the predicted-class histogram.
+    """FID/KID/IS and precision/recall of generated images against reference statistics, plus the
+    predicted-class histogram.
 
     Args:
         extractor: a feature extractor (uint8 ``(B, C, H, W)`` → ``{"features", "logits"}``).
-        metrics: subset of ``("fid", "kid", "is")``.
+        metrics: subset of :data:`METRICS` (``fid``, ``kid``, ``is``, ``precision``, ``recall``).
+        prc_k: k of the precision/recall k-NN radii (Kynkäänniemi et al. 2019 use 3); precision and recall are
+            computed together from the first ``min(generated, reference)`` features of each side.
         kid_subsets: number of KID subsets.
         kid_subset_size: KID subset size; ``None`` adapts to ``min(1000, generated, reference)``; a size larger
             than the number of generated or reference images is an error.
@@ -115,8 +129,9 @@ class GenerativeMetrics(nn.Module):
         class_histogram: count the extractor's predicted classes (default: for domain classifiers, not Inception).
     """
 
-    def __init__(self, extractor: nn.Module, metrics: Sequence[str] = METRICS, kid_subsets: int = 100,
-                 kid_subset_size: int | None = None, is_splits: int = 10, class_histogram: bool | None = None) -> None:
+    def __init__(self, extractor: nn.Module, metrics: Sequence[str] = DEFAULT_METRICS, kid_subsets: int = 100,
+                 kid_subset_size: int | None = None, is_splits: int = 10, class_histogram: bool | None = None,
+                 prc_k: int = DEFAULT_K) -> None:
         super().__init__()
         self.names = check_metrics(metrics)
         self.shared = SharedExtractor(extractor)
@@ -133,6 +148,9 @@ class GenerativeMetrics(nn.Module):
             if "is" in self.names:
                 logits = FeatureHead(self.shared, "logits", int(extractor.num_classes))
                 self.inception_score = InceptionScore(feature=logits, splits=is_splits, sync_on_compute=False)
+        if "precision" in self.names or "recall" in self.names:
+            self.prc = PrecisionRecall(feature=features, k=prc_k, reset_real_features=False,
+                                       sync_on_compute=False)
         if class_histogram is None:
             class_histogram = getattr(extractor, "name", "") != "inception"
         self.num_classes = int(getattr(extractor, "num_classes", 0)) if class_histogram else 0
@@ -150,6 +168,8 @@ class GenerativeMetrics(nn.Module):
             self.fid.real_features_num_samples = torch.tensor(f.shape[0], device=f.device)
         if "kid" in self.names:
             self.kid.real_features = [f]
+        if hasattr(self, "prc"):
+            self.prc.real_features = [f]
         self.num_real = f.shape[0]
 
     @torch.no_grad()
@@ -166,6 +186,8 @@ class GenerativeMetrics(nn.Module):
             self.kid.update(x, real=False)
         if "is" in self.names:
             self.inception_score.update(x)
+        if hasattr(self, "prc"):
+            self.prc.update(x, real=False)
         if self.num_classes:
             predicted = self.shared(x)["logits"].argmax(1)
             self.class_counts += torch.bincount(predicted, minlength=self.num_classes).to(self.class_counts.device)
@@ -214,6 +236,9 @@ class GenerativeMetrics(nn.Module):
                                      f"(num_samples={self.num_fake})")
                 mean, std = self.inception_score.compute()
                 out.update(**{"is": float(mean), "is_std": float(std)})
+            if hasattr(self, "prc"):
+                prc = self.prc.compute()
+                out.update({name: prc[name] for name in ("precision", "recall") if name in self.names})
         if self.num_classes:
             out.update(class_statistics(self.class_counts.cpu()))
             if self.num_conditioned:
@@ -222,9 +247,9 @@ class GenerativeMetrics(nn.Module):
 
     def reset(self) -> None:
         """Forget the generated side (the reference statistics stay)."""
-        for name in self.names:
-            metric = self.inception_score if name == "is" else getattr(self, name)
-            metric.reset()
+        for attr in ("fid", "kid", "inception_score", "prc"):
+            if hasattr(self, attr):
+                getattr(self, attr).reset()
         self.class_counts.zero_()
         self.num_fake = 0
         self.num_correct = self.num_conditioned = 0

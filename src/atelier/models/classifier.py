@@ -1,7 +1,10 @@
-"""A small MNIST CNN classifier whose penultimate features serve as the domain extractor for FID/KID
-(``feature_extractor=mnist_classifier``) and whose class predictions give IS and class histograms.
+"""A small CNN classifier whose penultimate features serve as a domain extractor for FID/KID and precision/recall
+and whose class predictions give IS and class histograms: ``feature_extractor=mnist_classifier`` (1 channel,
+10 digits, 32 px) and ``feature_extractor=art_classifier`` (3 channels, 3 artists, 64 px) are the same module and
+network, configured differently.
 
-``python train.py experiment=mnist_classifier`` trains it (see ``configs/experiment/mnist_classifier.yaml``).
+``python train.py experiment=mnist_classifier`` / ``experiment=art_classifier`` train them (see
+``configs/experiment/``).
 """
 
 from __future__ import annotations
@@ -51,8 +54,25 @@ class ClassifierNet(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
+def augment_batch(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``transform`` to every image of a batch separately (its own random crop, flip and colour draw).
+
+    Args:
+        x: ``(B, C, H, W)`` float in ``[-1, 1]``.
+        transform: one ``(C, H, W)`` float image in ``[0, 1]`` → ``(C, H', W')`` in ``[0, 1]`` (e.g. a
+            ``torchvision.transforms.v2.Compose`` of ``RandomResizedCrop``, ``ColorJitter`` ...); it draws from
+            torch's global RNG (seeded by ``seed_everything``).
+
+    Returns:
+        ``(B, C, H', W')`` float in ``[-1, 1]`` on the device of ``x``.
+    """
+    images = x.detach().add(1).div(2).clamp(0, 1)
+    out = torch.stack([transform(image) for image in images])
+    return out.clamp(0, 1).mul(2).sub(1).to(x.device, x.dtype)
+
+
 class MNISTClassifier(LightningModule):
-    """Cross-entropy training of :class:`ClassifierNet` on ``(image, label)`` batches.
+    """Cross-entropy training of :class:`ClassifierNet` on ``(image, label)`` batches (MNIST digits or artists).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and, from ``test_step`` (``trainer.test``)
     or at the end of training when ``test_on_train_end`` (the ``train`` task only calls ``fit``),
@@ -64,15 +84,19 @@ class MNISTClassifier(LightningModule):
         optimizer: partial optimiser factory taking ``params``.
         lr_scheduler: optional partial LR-scheduler factory taking ``optimizer`` and ``num_training_steps``.
         test_on_train_end: evaluate the test split once training ends.
+        augment: optional per-image training augmentation on tensors (see :func:`augment_batch`; ``None``: none),
+            applied in ``training_step`` only, so validation, test and the feature extractor see plain images.
     """
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
-                 lr_scheduler: Callable[..., Any] | None = None, test_on_train_end: bool = True) -> None:
+                 lr_scheduler: Callable[..., Any] | None = None, test_on_train_end: bool = True,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler", "augment"], logger=False)
         self.net = net
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.augment = augment
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -88,6 +112,9 @@ class MNISTClassifier(LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.augment is not None:
+            with torch.no_grad():
+                batch = (augment_batch(batch[0], self.augment), *batch[1:])
         return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

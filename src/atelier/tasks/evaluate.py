@@ -69,8 +69,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def result_row(result: dict[str, Any]) -> dict[str, Any]:
     """One flat table row from an :meth:`Evaluator.evaluate` result."""
     m = result["metrics"]
-    row = {k: m.get(k) for k in ("fid", "kid", "kid_std", "is", "is_std", "class_coverage", "class_entropy",
-                                 "cond_accuracy")}
+    row = {k: m.get(k) for k in ("fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "class_coverage",
+                                 "class_entropy", "cond_accuracy")}
     row["s/image"] = result["timing"]["sampling_seconds_per_image"]
     row["features img/s"] = result["timing"]["feature_images_per_sec"]
     return row
@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evaluator = Evaluator(
         extractor_cfg, datamodule, list(cfg.metrics), int(cfg.num_samples), cfg.get("reference_split"),
         cfg.get("reference_size"), cfg.get("cache_dir"), cfg.get("kid_subset_size"), int(cfg.kid_subsets),
-        int(cfg.is_splits), int(cfg.batch_size), int(cfg.seed), device,
+        int(cfg.is_splits), int(cfg.batch_size), int(cfg.seed), device, prc_k=int(cfg.get("prc_k", 3)),
     )
     sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale",
                                                                      "sampling_prior")}
