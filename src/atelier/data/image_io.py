@@ -34,13 +34,14 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
+
+from atelier.utils.files import atomic_target
 
 #: extensions read (matched in any case: ``.JPG``, ``.Png``, ``.TIFF`` are images too)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -193,16 +194,10 @@ def _write_cache(entry: Path, key: str, image: Image.Image) -> None:
     """
     raw_key = key.encode("utf-8")
     data = _HEADER.pack(CACHE_MAGIC, len(raw_key), *image.size) + raw_key + image.tobytes()
-    tmp: str | None = None
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, entry)
+        with atomic_target(entry) as tmp:
+            Path(tmp).write_bytes(data)
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise OSError(f"cannot write the image cache entry {entry} ({err}); check data.cache_dir, or set "
                       "data.cache=false") from err
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from atelier.utils.files import atomic_target
 
 #: bump when what is cached changes, so that old entries are rebuilt
 VERSION = 1
@@ -69,16 +70,10 @@ def _write(path: Path, tensor: torch.Tensor, key: str) -> None:
     Raises:
         OSError: when the cache folder cannot be written, naming it and the config key.
     """
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        save_file({"value": tensor.detach().cpu().contiguous()}, tmp, metadata={KEY_FIELD: key})
-        os.replace(tmp, path)
+        with atomic_target(path) as tmp:
+            save_file({"value": tensor.detach().cpu().contiguous()}, tmp, metadata={KEY_FIELD: key})
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise OSError(f"cannot write the latent cache entry {path} ({err}); check data.latent_cache_dir, or set "
                       "data.cache_latents=false") from err
 
