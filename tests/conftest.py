@@ -49,6 +49,7 @@ TINY_VAE = [
     "model.encoder.base_channels=8",
     "model.decoder.base_channels=8",
     "model.latent_dim=4",
+    "model.gmm_max_samples=512",  # the end-of-training mixture fit would otherwise encode all 55k images
 ]
 TINY = {"ddpm": TINY_DDPM, "gan": TINY_GAN, "gan_hinge_sn": TINY_GAN, "gan_wgan_gp": TINY_GAN, "vae": TINY_VAE}
 
