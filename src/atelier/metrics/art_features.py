@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atelier.metrics.mnist_features import load_classifier_net
+from atelier.metrics.mnist_features import classifier_outputs, load_classifier_net
 from atelier.metrics.protocol import file_digest
 
 EXPERIMENT = "art_classifier"
@@ -99,6 +99,4 @@ class ArtClassifierFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 ``(B, 1|3, H, W)`` → ``{"features": (B, D), "logits": (B, num_classes)}`` float32."""
-        x = self.preprocess(images.to(next(self.net.parameters()).device))
-        features = self.net.features(x)
-        return {"features": features.float(), "logits": self.net.head(features).float()}
+        return classifier_outputs(self.net, self.preprocess(images.to(next(self.net.parameters()).device)))

@@ -105,6 +105,11 @@ class MNISTClassifierFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.preprocess(images.to(next(self.net.parameters()).device))
-        features = self.net.features(x)
-        return {"features": features.float(), "logits": self.net.head(features).float()}
+        return classifier_outputs(self.net, self.preprocess(images.to(next(self.net.parameters()).device)))
+
+
+def classifier_outputs(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A classifier net's penultimate ``features`` ``(B, D)`` and ``logits`` ``(B, num_classes)``, float32, for
+    preprocessed inputs ``x`` ``(B, C, S, S)`` in ``[-1, 1]`` (the nets of ``atelier.models.classifier``)."""
+    features = net.features(x)
+    return {"features": features.float(), "logits": net.head(features).float()}
