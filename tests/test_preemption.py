@@ -86,7 +86,7 @@ def test_sigterm_saves_a_checkpoint_to_resume_from(tmp_path: Path, mnist_availab
     assert last.exists(), (tmp_path / "job.log").read_text()[-3000:]
     assert 0 < _step(last) < MAX_STEPS
     assert not (run_dir / "metrics.json").exists()
-    assert "Received SIGTERM: checkpointing at the end of this step" in (tmp_path / "job.log").read_text()
+    assert "Received SIGTERM: checkpointing at global step" in (tmp_path / "job.log").read_text()
 
 
 def test_warning_signal_without_submitit_checkpoints_and_stops(tmp_path: Path, mnist_available) -> None:

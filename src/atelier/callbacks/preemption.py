@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,6 +44,17 @@ log = logging.getLogger(__name__)
 SUBMITIT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+@contextmanager
+def _logging_off() -> Iterator[None]:
+    """Every logger off for the duration (``logging.disable``), then back to the previous level."""
+    level = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(level)
 
 
 def warning_signal(name: str | None = None) -> signal.Signals:
@@ -80,14 +92,21 @@ class Preemption(Callback):
         self._handled = False
 
     # ------------------------------------------------------------------ signal handlers: record only
+    # Nothing here logs. A handler runs between two bytecodes of the main thread, possibly inside a logging
+    # handler's write; SLURM sends SIGCONT and SIGTERM back to back, and a second handler writing to the same
+    # buffered stream (train.log, stdout) makes ``io`` raise "reentrant call", which logging prints as a traceback.
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-            log.warning("Received %s: checkpointing at the end of this step", signal.Signals(signum).name)
         if signum == signal.SIGTERM:
             previous = self._previous.get(signum)
             if callable(previous):  # Lightning's notifier (received_sigterm, DDP children) and submitit's bypass
-                previous(signum, frame)
+                with _logging_off():  # both log "Received"/"Bypassing"; this callback logs at the step boundary
+                    previous(signum, frame)
+
+    @staticmethod
+    def _continue(signum: int, frame: FrameType | None) -> None:
+        """SIGCONT during training: nothing to do (submitit's handler would only log that it bypassed it)."""
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         import threading
@@ -95,9 +114,21 @@ class Preemption(Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         # after Lightning registered its own handlers (Trainer._run), which it restores at teardown
-        for signum in {self.signum, signal.SIGTERM}:
+        for signum, handler in ((self.signum, self._record), (signal.SIGTERM, self._record),
+                                (signal.SIGCONT, self._continue)):
             self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._record)
+            signal.signal(signum, handler)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # before Lightning's signal connector restores its originals: a late USR2 (final sampling, evaluation)
+        # reaches submitit again, which requeues; the requeued attempt resumes the finished training at once
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     # ------------------------------------------------------------------ step boundary: act
     def _pending(self, trainer: Trainer) -> bool:
@@ -124,6 +155,7 @@ class Preemption(Callback):
             self._save_and_close(trainer, signal.Signals(self.received).name)
 
     def _save_and_close(self, trainer: Trainer, name: str) -> None:
+        log.warning("Received %s: checkpointing at global step %d", name, trainer.global_step)
         path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path)
         log.warning("%s: saved %s at global step %d", name, path, trainer.global_step)
