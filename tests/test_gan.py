@@ -120,3 +120,14 @@ def test_conditional_gan_needs_labels() -> None:
     model = _gan(num_classes=3)
     with pytest.raises(Exception, match="label"):
         _fit(model, batches=1, labels=False)
+
+
+def test_nearest_upsampling_generator_has_no_transposed_stage_but_the_first() -> None:
+    g = DCGANGenerator(image_size=64, channels=3, z_dim=8, base_channels=8, upsample="nearest")
+    kinds = [type(m).__name__ for m in g.main]
+    assert kinds.count("ConvTranspose2d") == 1  # z (1×1) → 4×4
+    assert kinds.count("Upsample") == 4 and kinds.count("Conv2d") == 4
+    x = g(torch.randn(2, 8))
+    assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError, match=r"model\.generator\.upsample='bilinear' is not allowed"):
+        DCGANGenerator(upsample="bilinear")

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 D_NORMS = ("batch", "spectral", "none")
+G_UPSAMPLES = ("transposed", "nearest")
 
 
 def num_upsamplings(image_size: int) -> int:
@@ -75,8 +76,15 @@ class _Projection(nn.Module):
         return out
 
 
+def _up(cin: int, cout: int, mode: str, bias: bool) -> list[nn.Module]:
+    """One ×2 stage: a 4×4 stride-2 transposed conv, or nearest-neighbour ×2 then a 3×3 conv."""
+    if mode == "transposed":
+        return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)]
+
+
 class DCGANGenerator(nn.Module):
-    """DCGAN generator: ``z`` → 4×4 → transposed convs (×2 each, BatchNorm + ReLU) → ``(B, C, S, S)``, tanh.
+    """DCGAN generator: ``z`` → 4×4 → ×2 stages (BatchNorm + ReLU) → ``(B, C, S, S)``, tanh.
 
     Args:
         image_size: output side ``S`` (power of two ≥ 8).
@@ -85,11 +93,20 @@ class DCGANGenerator(nn.Module):
         base_channels: channels at the last hidden stage (``ngf``); the 4×4 stage has ``ngf · 2^(n-1)``.
         num_classes: classes for a conditional generator, ``None`` for unconditional.
         embed_dim: size of the class embedding concatenated to ``z``.
+        upsample: ``transposed`` (4×4 stride-2 transposed convs, as in DCGAN) or ``nearest`` (nearest-neighbour
+            ×2 then a 3×3 conv: no checkerboard from uneven kernel overlap, Odena et al. 2016, "Deconvolution and
+            checkerboard artifacts"; ~2.25× the FLOPs of a stage).
+
+    Raises:
+        ValueError: for an ``upsample`` other than ``transposed`` or ``nearest`` (naming the key).
     """
 
     def __init__(self, image_size: int = 32, channels: int = 1, z_dim: int = 100, base_channels: int = 64,
-                 num_classes: int | None = None, embed_dim: int = 32) -> None:
+                 num_classes: int | None = None, embed_dim: int = 32, upsample: str = "transposed") -> None:
         super().__init__()
+        if upsample not in G_UPSAMPLES:
+            raise ValueError(f"model.generator.upsample={upsample!r} is not allowed; choose one of "
+                             f"{list(G_UPSAMPLES)}")
         n = num_upsamplings(image_size)
         self.z_dim, self.num_classes = z_dim, num_classes
         self.cond = _LabelEmbedding(num_classes, embed_dim)
@@ -97,9 +114,9 @@ class DCGANGenerator(nn.Module):
         layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim + self.cond.extra, ch, 4, 1, 0, bias=False),
                                    nn.BatchNorm2d(ch), nn.ReLU(True)]
         for _ in range(n - 1):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            layers += [*_up(ch, ch // 2, upsample, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
             ch //= 2
-        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1), nn.Tanh()]
+        layers += [*_up(ch, channels, upsample, bias=True), nn.Tanh()]
         self.main = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
