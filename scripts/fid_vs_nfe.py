@@ -40,9 +40,13 @@ COLUMNS = ["sampler", "NFE", "fid", "kid", "kid_std", "is", "is_std", "class_cov
 
 def extractor_args(parser: argparse.ArgumentParser) -> None:
     """Options shared with scripts/compare.py: extractor, reference and sample counts."""
-    parser.add_argument("--feature-extractor", default="mnist_classifier", choices=["mnist_classifier", "inception"])
-    parser.add_argument("--classifier-ckpt", default=os.environ.get("ATELIER_MNIST_CLASSIFIER",
-                                                                    "outputs/mnist_classifier/classifier.ckpt"))
+    parser.add_argument("--feature-extractor", default="mnist_classifier",
+                        choices=["mnist_classifier", "art_classifier", "inception"])
+    parser.add_argument("--classifier-ckpt", default=None,
+                        help="domain classifier (default: $ATELIER_MNIST_CLASSIFIER / $ATELIER_ART_CLASSIFIER, else "
+                             "outputs/<mnist|art>_classifier/classifier.ckpt)")
+    parser.add_argument("--reference-image-size", type=int, default=None,
+                        help="reference images at this size (px), default: the checkpoint's data.image_size")
     parser.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--reference-split", default=None, help="train | val | test (default: test if present)")
@@ -56,12 +60,15 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
 
 
 def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
-    extractor = {"name": args.feature_extractor}
-    if args.feature_extractor == "mnist_classifier":
-        extractor["ckpt_path"] = args.classifier_ckpt
-    else:
+    extractor: dict[str, object] = {"name": args.feature_extractor}
+    if args.feature_extractor == "inception":
         extractor["weights_path"] = args.inception_weights
-    return Evaluator(extractor, reference_datamodule(ckpt), args.metrics.split(","), args.num_samples,
+    else:
+        env = "ATELIER_MNIST_CLASSIFIER" if args.feature_extractor == "mnist_classifier" else "ATELIER_ART_CLASSIFIER"
+        extractor["ckpt_path"] = args.classifier_ckpt or os.environ.get(
+            env, f"outputs/{args.feature_extractor}/classifier.ckpt")
+    datamodule = reference_datamodule(ckpt, image_size=args.reference_image_size)
+    return Evaluator(extractor, datamodule, args.metrics.split(","), args.num_samples,
                      args.reference_split, args.reference_size, args.cache_dir, batch_size=args.batch_size,
                      seed=args.seed, device=args.device)
 

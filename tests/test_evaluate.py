@@ -91,6 +91,15 @@ def test_evaluate_errors_name_the_key(train_cfg: Callable[..., DictConfig], tmp_
         evaluate.run(eval_cfg(ckpt, tmp_path, classifier_ckpt, "metrics=[fid,psnr]"))
 
 
+def test_reference_image_size_rebuilds_the_reference_at_that_size(train_cfg: Callable[..., DictConfig],
+                                                                  tmp_path: Path, classifier_ckpt: Path) -> None:
+    train.run(train_cfg(*TINY_RUN, model="vae"))  # trained at 32 px
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    result = evaluate.run(eval_cfg(ckpt, tmp_path, classifier_ckpt, "metrics=[fid]", "reference_image_size=28"))
+    assert math.isfinite(result["metrics"]["fid"])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["protocol"]["dataset"]["image_size"] == 28
+
+
 def test_fid_callback_logs_val_fid_as_monitor_and_objective(train_cfg: Callable[..., DictConfig], tmp_path: Path,
                                                              classifier_ckpt: Path) -> None:
     cfg = train_cfg("callbacks=[default,fid]", f"callbacks.fid.feature_extractor.ckpt_path={classifier_ckpt}",

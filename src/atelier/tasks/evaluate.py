@@ -26,18 +26,26 @@ log = logging.getLogger(__name__)
 SAMPLING_NETS = ("net", "generator", "decoder")
 
 
-def reference_datamodule(ckpt_path: str | Path, data_dir: str | None = None) -> L.LightningDataModule:
+def reference_datamodule(ckpt_path: str | Path, data_dir: str | None = None,
+                         image_size: int | None = None) -> L.LightningDataModule:
     """The datamodule a checkpoint was trained on (config stored in the checkpoint, else the run's
-    ``.hydra/config.yaml``), optionally with another ``data_dir``; ``setup()`` already called.
+    ``.hydra/config.yaml``), optionally with another ``data_dir`` and reference ``image_size`` (px: compare
+    models trained at different sizes against the same real images, e.g. the art extractor's 64 px; generated
+    images are resized by the extractor); ``setup()`` already called.
 
     Raises:
         KeyError: when neither the checkpoint nor its run directory holds a data config.
+        ValueError: for an ``image_size`` on a datamodule config that has no ``image_size`` key.
     """
     path = Path(ckpt_path).expanduser()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     stored = stored_config(checkpoint, path, "data")
     if data_dir:
         stored["data_dir"] = str(data_dir)
+    if image_size:
+        if "image_size" not in stored:
+            raise ValueError(f"reference_image_size={image_size}: the data config of {path} has no image_size key")
+        stored["image_size"] = int(image_size)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(OmegaConf.create(stored))
     datamodule.setup("fit")
     return datamodule
@@ -82,7 +90,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device", "auto"))
     model = load_module(cfg.ckpt_path).to(device)
-    datamodule = reference_datamodule(cfg.ckpt_path, cfg.get("data_dir"))
+    datamodule = reference_datamodule(cfg.ckpt_path, cfg.get("data_dir"), cfg.get("reference_image_size"))
     extractor_cfg = OmegaConf.to_container(cfg.feature_extractor, resolve=True)
     evaluator = Evaluator(
         extractor_cfg, datamodule, list(cfg.metrics), int(cfg.num_samples), cfg.get("reference_split"),
