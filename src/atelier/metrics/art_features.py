@@ -30,8 +30,8 @@ class ArtClassifierFeatures(nn.Module):
     1-channel network gets the channel mean). Images are scaled to ``[-1, 1]``; a non-square image is centre-
     cropped to its short side (as :class:`~atelier.data.art_folder.ArtFolderDataModule` fits paintings), and a side
     other than the network's ``S`` is resized bilinearly to ``S × S`` with ``antialias`` (``True`` by default here:
-    downscaling 256–512 px paintings to 64 px without it aliases). Output: ``{"features": (B, feature_dim)
-    float32 (≥ 0, after ReLU), "logits": (B, num_classes) float32}``.
+    downscaling the art folder's 128 px paintings, or larger scans, to 64 px without it aliases). Output:
+    ``{"features": (B, feature_dim) float32 (≥ 0, after ReLU), "logits": (B, num_classes) float32}``.
 
     Args:
         ckpt_path: classifier checkpoint (``python train.py experiment=art_classifier``).
