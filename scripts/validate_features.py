@@ -67,7 +67,6 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     extractor = build_extractor({"name": "art_classifier", "ckpt_path": args.classifier_ckpt})
     images = load_images(args.root, args.image_size, args.cache_dir)
     print(f"{len(images)} images at {args.image_size} px from {args.root}; extractor {extractor.weights} "

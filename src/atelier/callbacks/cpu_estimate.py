@@ -16,6 +16,8 @@ from typing import Any
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 
+from atelier.callbacks.time_budget import TimeBudget
+
 log = logging.getLogger(__name__)
 
 #: model class name → the quick CPU experiment of that family (``configs/experiment/``)
@@ -70,27 +72,22 @@ class CPUTimeEstimate(Callback):
         self._active = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from atelier.callbacks.time_budget import TimeBudget
-
         on_cpu = pl_module.device.type == "cpu"
         self._active = on_cpu and not any(isinstance(cb, TimeBudget) for cb in trainer.callbacks)
         self._batches, self._start, self.estimate = 0, None, None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._active and self._batches == self.skip_steps:
+            self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self._active:
             return
         self._batches += 1
-        if self._batches == self.skip_steps:
-            self._start = time.perf_counter()
-        elif self._batches == self.skip_steps + self.measure_steps:
-            start = self._start if self._start is not None else time.perf_counter()
-            self._report(trainer, pl_module, self.measure_steps / max(time.perf_counter() - start, 1e-9))
+        if self._batches == self.skip_steps + self.measure_steps and self._start is not None:
+            self._report(trainer, pl_module, self.measure_steps / max(time.perf_counter() - self._start, 1e-9))
             self._active = False
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._active and self.skip_steps == 0 and self._start is None:
-            self._start = time.perf_counter()
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, batches_per_s: float) -> None:
         per_epoch = trainer.num_training_batches
