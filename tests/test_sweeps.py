@@ -273,3 +273,27 @@ def test_sweeper_settings_are_checked_and_a_stored_study_keeps_its_direction(tmp
     assert sweep(direction="MINIMIZE").open_study().study_name == "s"  # loads it
     with pytest.raises(ValueError, match="was created to minimize, not maximize"):
         sweep(direction="maximize").open_study()
+
+
+def test_study_table_lists_best_complete_trial_first_then_failures(tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_table", ROOT / "scripts" / "study_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    db = tmp_path / "s.db"
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{db}", direction="minimize")
+    for value in (3.0, 1.5):
+        trial = study.ask({"model.optimizer.lr": FloatDistribution(1e-5, 1e-2, log=True)})
+        study.tell(trial, value)
+    failed = study.ask({"model.optimizer.lr": FloatDistribution(1e-5, 1e-2, log=True)})
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    columns, rows = module.study_rows(str(db), None)
+    assert columns == ["trial", "state", "value", "seconds", "model.optimizer.lr"]
+    assert [(r["trial"], r["state"], r["value"]) for r in rows] == [(1, "COMPLETE", 1.5), (0, "COMPLETE", 3.0),
+                                                                    (2, "FAIL", None)]
+    out_csv = tmp_path / "t.csv"
+    assert module.main([str(db), "--csv", str(out_csv)]) == 0
+    assert out_csv.read_text().splitlines()[1].startswith("1,COMPLETE,1.5,")
+    assert module.main([str(tmp_path / "missing.db")]) == 2
+    assert "no study file" in capsys.readouterr().err
