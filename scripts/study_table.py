@@ -57,14 +57,6 @@ def study_rows(storage: str, study_name: str | None) -> tuple[list[str], list[di
     return ["trial", "state", "value", "seconds", *params], rows
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("storage", help="SQLite file of the study (or an SQLAlchemy storage URL)")
@@ -76,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    from atelier.tasks.evaluate import format_table
+
+    print(format_table(rows, columns))
     if args.csv is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as f:
