@@ -51,3 +51,26 @@ def test_teardown_restores_the_handlers_it_replaced() -> None:
         assert {s: signal.getsignal(s) for s in before} == before
     finally:
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+def test_ignore_late_warning_only_under_slurm(monkeypatch) -> None:
+    """Once results are written the warning signal is ignored under SLURM (a late USR2 during interpreter exit
+    killed a finished job, state FAILED), and left alone elsewhere."""
+    import os
+
+    from atelier.callbacks.preemption import ignore_late_warning
+
+    def usr2(signum: int, frame: FrameType | None) -> None: ...
+
+    signal.signal(signal.SIGUSR2, usr2)
+    try:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        assert not ignore_late_warning("USR2")
+        assert signal.getsignal(signal.SIGUSR2) is usr2
+        monkeypatch.setenv("SLURM_JOB_ID", "1")
+        assert ignore_late_warning("USR2")
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR2)  # ignored: this process lives on
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)

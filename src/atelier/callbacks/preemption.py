@@ -73,6 +73,30 @@ def warning_signal(name: str | None = None) -> signal.Signals:
                          "['USR1', 'USR2', 'TERM', 'INT']") from None
 
 
+def ignore_late_warning(signal_name: str | None = None) -> bool:
+    """Under SLURM, ignore the end-of-job warning signal from now on (``SIG_IGN``); call once results are written.
+
+    Why: SLURM may send the warning signal again at any moment of an attempt (up to a minute before its limit). If
+    it arrives after the task has written its results, while submitit pickles them or the interpreter exits,
+    there is nothing left to save: CPython's finalisation puts every handler it installed back to ``SIG_DFL``
+    (``_PySignal_Fini``), so the signal's default action kills the finished job and SLURM records it FAILED. An
+    ignored signal stays ignored through finalisation. Outside SLURM (no ``SLURM_JOB_ID``) and off the main
+    thread nothing changes.
+
+    Args:
+        signal_name: the warning signal, as for :func:`warning_signal`.
+
+    Returns:
+        whether the signal is now ignored.
+    """
+    import threading
+
+    if "SLURM_JOB_ID" not in os.environ or threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(warning_signal(signal_name), signal.SIG_IGN)
+    return True
+
+
 class Preemption(Callback):
     """Checkpoint-then-hand-over on the warning signal or ``SIGTERM`` (see the module docstring).
 

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CheckpointExtras
-from atelier.callbacks.preemption import Preemption
+from atelier.callbacks.preemption import Preemption, ignore_late_warning
 from atelier.utils.batching import apply_global_batch_size
 from atelier.utils.config import instantiate_group, print_config_tree, run_info, write_json
 from atelier.utils.loggers import finish_wandb
@@ -128,6 +128,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 log.info("diffusers pipeline saved to %s", path)
             write_json(metrics, output_dir / "metrics.json")
         log.info("Output directory: %s", output_dir)
+        # finished and written: a late warning signal must not kill the job while submitit saves the result
+        ignore_late_warning(cfg.get("preemption_signal"))
         return metrics
     finally:
         # never raises, so it cannot replace an exception in flight (a preemption's SystemExit, Ctrl-C)
