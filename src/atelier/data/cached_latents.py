@@ -18,7 +18,7 @@ from atelier.text2image.buckets import Bucket
 from atelier.text2image.latent_cache import LatentCache
 
 if TYPE_CHECKING:
-    from atelier.data.captioned_folder import CaptionedDataset
+    from atelier.data.captioned_dataset import CaptionedDataset
 
 #: ``encode_images(pixels (B, 3, H, W) float32 in [-1, 1]) -> latent distributions (B, 2·C, H/8, W/8)``
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
