@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,10 @@ def _logging_off() -> Iterator[None]:
         yield
     finally:
         logging.disable(level)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def warning_signal(name: str | None = None) -> signal.Signals:
@@ -89,9 +94,7 @@ def ignore_late_warning(signal_name: str | None = None) -> bool:
     Returns:
         whether the signal is now ignored.
     """
-    import threading
-
-    if "SLURM_JOB_ID" not in os.environ or threading.current_thread() is not threading.main_thread():
+    if "SLURM_JOB_ID" not in os.environ or not _on_main_thread():
         return False
     signal.signal(warning_signal(signal_name), signal.SIG_IGN)
     return True
@@ -133,9 +136,7 @@ class Preemption(Callback):
         """SIGCONT during training: nothing to do (submitit's handler would only log that it bypassed it)."""
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
+        if not _on_main_thread():  # signal.signal works in the main thread only
             return
         # after Lightning registered its own handlers (Trainer._run), which it restores at teardown
         for signum, handler in ((self.signum, self._record), (signal.SIGTERM, self._record),
@@ -146,9 +147,7 @@ class Preemption(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # before Lightning's signal connector restores its originals: a late USR2 (final sampling, evaluation)
         # reaches submitit again, which requeues; the requeued attempt resumes the finished training at once
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
+        if not _on_main_thread():  # signal.signal works in the main thread only
             return
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
