@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import lightning as L
 import pytest
 import torch
+from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, TensorDataset
 
 from atelier.models.gan import GAN
@@ -56,13 +58,13 @@ def _gan(num_classes: int | None = None, num_classes_d: int | None = None, **kwa
     return GAN(g, d, opt, opt, ema_decay=0.9, interpolation_rows=2, interpolation_steps=3, **kwargs)
 
 
-def _fit(model: GAN, batches: int, labels: bool = False) -> L.Trainer:
+def _fit(model: GAN, batches: int, labels: bool = False, callbacks: list[L.Callback] | None = None) -> L.Trainer:
     torch.manual_seed(0)
     x = torch.rand(batches * 8, 1, 16, 16) * 2 - 1
     y = torch.randint(0, 3, (batches * 8,))
     data = TensorDataset(x, y) if labels else TensorDataset(x)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(model, DataLoader(data, batch_size=8))
     return trainer
 
@@ -87,6 +89,38 @@ def test_a_few_steps_change_g_and_d_and_the_ema_lags() -> None:
     metrics = trainer.callback_metrics
     for key in ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake"):
         assert torch.isfinite(metrics[key]), key
+
+
+class _LRs(L.Callback):
+    """``(global_step, lr of G, lr of D)`` after every batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        opt_g, opt_d = pl_module.optimizers()
+        self.seen.append((trainer.global_step, opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize(("n_critic", "batches", "total"), [(1, 6, 12), (2, 8, 12)])
+def test_lr_schedule_follows_the_global_step_and_ends_at_zero(n_critic: int, batches: int, total: int) -> None:
+    cosine = partial(get_scheduler, name="cosine", num_warmup_steps=0)
+    model = _gan(lr_scheduler=cosine, n_critic=n_critic, **({"loss": "wgan_gp", "d_norm": "none"}
+                                                             if n_critic > 1 else {}))
+    lrs = _LRs()
+    trainer = _fit(model, batches=batches, callbacks=[lrs])
+    assert trainer.global_step == total  # batches x (1 + 1/n_critic) optimiser steps: the schedule's length
+    for step, lr_g, lr_d in lrs.seen:  # both LRs: the cosine (peak 1e-3) at the global step, on one clock
+        expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / total))
+        assert lr_g == pytest.approx(expected, abs=1e-12) and lr_d == pytest.approx(expected, abs=1e-12)
+    assert lrs.seen[-1][1:] == (pytest.approx(0.0, abs=1e-12),) * 2
+    assert len(trainer.lr_scheduler_configs) == 2
+
+
+def test_without_a_schedule_the_lrs_stay_constant() -> None:
+    lrs = _LRs()
+    _fit(_gan(), batches=3, callbacks=[lrs])
+    assert {lr for _, *pair in lrs.seen for lr in pair} == {1e-3}
 
 
 def test_n_critic_wgan_gp_and_r1_are_applied() -> None:

@@ -30,6 +30,9 @@ BUDGET_S = 8.0
 SLACK_S = 2.0
 # a cosine schedule (peak LR 1e-3, 10 warm-up steps: _budget_args) for the tiny DDPM
 DDPM_ARGS = ["model.lr_scheduler.name=cosine", "model.optimizer.lr=1e-3"]
+# the same for the GAN's two optimisers (its config has no schedule)
+GAN_COSINE = ("model.lr_scheduler={_target_:diffusers.optimization.get_scheduler,_partial_:true,name:cosine,"
+              "num_warmup_steps:10}")
 
 
 # ---------------------------------------------------------------- helpers for the end-to-end runs
@@ -280,7 +283,7 @@ def test_horizon_shrinks_when_steps_slow_down(train_cfg: Callable[..., DictConfi
 @pytest.mark.slow
 def test_tiny_gan_counts_d_and_g_steps(train_cfg: Callable[..., DictConfig], mnist_available) -> None:
     args = [a for a in _budget_args() if not a.startswith("model.lr_scheduler")]
-    cfg = train_cfg(*args, model="gan")
+    cfg = train_cfg(*args, GAN_COSINE, "model.optimizer_g.lr=1e-3", "model.optimizer_d.lr=1e-3", model="gan")
     metrics = train_task.run(cfg)
     out = Path(cfg.paths.output_dir)
     state = _budget_state(out / "checkpoints" / "last.ckpt")
@@ -291,6 +294,8 @@ def test_tiny_gan_counts_d_and_g_steps(train_cfg: Callable[..., DictConfig], mni
     assert BUDGET_S - 1.0 - SLACK_S < state["elapsed_s"] < BUDGET_S + SLACK_S, state
     assert _csv_column(out, "train/budget_horizon")[-1][1] == total
     assert _csv_column(out, "train/d_loss") and _csv_column(out, "train/g_loss")
+    for key in ("lr_g", "lr_d"):  # both schedules end at the budget's last step
+        _assert_lr_decays_to_zero(_csv_column(out, key), warmup=10, peak=1e-3)
 
 
 @pytest.mark.slow

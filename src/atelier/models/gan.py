@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from atelier.augment.diffaugment import diff_augment, parse_policy
 from atelier.losses.gan import check_loss, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from atelier.models.ema import make_ema
-from atelier.models.optim import OptimizerFactory
+from atelier.models.optim import OptimizerFactory, SchedulerFactory, build_scheduler
 from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.latents import interpolation_path
 
@@ -27,6 +28,10 @@ class GAN(LightningModule):
         discriminator: maps ``(images, labels | None)`` to scores ``(B,)``.
         optimizer_g: partial optimiser for the generator (e.g. ``Adam(lr=2e-4, betas=(0.5, 0.999))``).
         optimizer_d: partial optimiser for the discriminator.
+        lr_scheduler: optional partial LR schedule (e.g. ``diffusers.optimization.get_scheduler`` with
+            ``name=cosine``), one instance per optimiser, both indexed by ``trainer.global_step`` (G + D steps):
+            over ``max_steps`` (or the epochs' batches × ``1 + 1/n_critic``), or following a time budget's
+            horizon, so that both LRs end together at the last step. ``None``: constant LRs.
         loss: ``non_saturating``, ``hinge`` or ``wgan_gp`` (see :mod:`atelier.losses.gan`).
         n_critic: discriminator steps per generator step (5 for WGAN-GP in Gulrajani et al. 2017).
         gp_weight: λ of the WGAN-GP gradient penalty (used with ``loss=wgan_gp``).
@@ -54,6 +59,7 @@ class GAN(LightningModule):
         discriminator: nn.Module,
         optimizer_g: OptimizerFactory,
         optimizer_d: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
         loss: str = "non_saturating",
         n_critic: int = 1,
         gp_weight: float = 10.0,
@@ -72,7 +78,8 @@ class GAN(LightningModule):
         if r1_interval < 1:
             raise ValueError(f"model.r1_interval must be >= 1, got {r1_interval}")
         self.policy = parse_policy(diffaugment)
-        self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer_g", "optimizer_d"], logger=False)
+        self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer_g", "optimizer_d", "lr_scheduler"],
+                                  logger=False)
         self.automatic_optimization = False
         self.generator = generator
         self.discriminator = discriminator
@@ -85,6 +92,7 @@ class GAN(LightningModule):
         self.ema = make_ema(generator, ema_decay, ema_warmup)
         self.optimizer_g_factory = optimizer_g
         self.optimizer_d_factory = optimizer_d
+        self.lr_scheduler_factory = lr_scheduler
         # discriminator steps so far; a buffer, so it is in checkpoints and n_critic / lazy R1 resume exactly
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
 
@@ -152,12 +160,37 @@ class GAN(LightningModule):
             self.untoggle_optimizer(opt_g)
             self.ema.update_parameters(self.generator)
             logs["train/g_loss"] = loss_g.detach()
+        self._step_schedulers()
         for key, value in logs.items():
             self.log(key, value, prog_bar=key in ("train/d_loss", "train/g_loss"), batch_size=b)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer_g_factory(self.generator.parameters()),
-                self.optimizer_d_factory(self.discriminator.parameters())]
+    def configure_optimizers(self) -> Any:
+        optimizers = [self.optimizer_g_factory(self.generator.parameters()),
+                      self.optimizer_d_factory(self.discriminator.parameters())]
+        if self.lr_scheduler_factory is None:
+            return optimizers
+        trainer = self.trainer
+        # Lightning counts batches here (manual optimisation); global_step advances 1 + 1/n_critic per batch
+        total = trainer.estimated_stepping_batches * (1 + 1 / self.hparams.n_critic)
+        if trainer.max_steps != -1:
+            total = min(total, trainer.max_steps)
+        schedulers = [{"scheduler": build_scheduler(trainer, opt, self.lr_scheduler_factory, total), "interval": "step",
+                       "name": name}
+                      for opt, name in zip(optimizers, ("lr_g", "lr_d"), strict=True)]
+        return optimizers, schedulers
+
+    def _step_schedulers(self) -> None:
+        """Set both LRs to the schedule's value at ``trainer.global_step`` (manual optimisation: Lightning does
+        not step schedulers). Indexing by the global step rather than by each optimiser's own step count keeps
+        G and D on one clock, the clock of ``max_steps`` and of a time budget's horizon, also after a resume."""
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.last_epoch = self.trainer.global_step - 1
+            with warnings.catch_warnings():  # G's schedule moves on D-only batches too (n_critic > 1): intended
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
 
     # ----------------------------------------------------------------- sampling
     def _generate(self, z: torch.Tensor, labels: torch.Tensor | None, batch_size: int, use_ema: bool) -> torch.Tensor:

@@ -136,6 +136,27 @@ def horizon_scheduler(optimizer: torch.optim.Optimizer, lr_scheduler: SchedulerF
     return LambdaLR(optimizer, [stretch(fn) for fn in base.lr_lambdas])
 
 
+def build_scheduler(trainer: Trainer, optimizer: torch.optim.Optimizer, lr_scheduler: SchedulerFactory,
+                    total_steps: float | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule ``lr_scheduler`` (called as ``lr_scheduler(optimizer=..., num_training_steps=...)``, e.g.
+    ``diffusers.optimization.get_scheduler`` with ``name`` and ``num_warmup_steps``) over ``optimizer``, for a
+    length in optimiser steps. When a callback on the trainer plans the length (a time budget, see
+    :func:`find_horizon`), the schedule follows that callback's moving :class:`Horizon` (:func:`horizon_scheduler`);
+    otherwise its length is ``total_steps``, default ``trainer.estimated_stepping_batches``.
+
+    Raises:
+        ValueError: when the training length is unbounded (no max_steps/max_epochs and no time budget).
+    """
+    horizon = find_horizon(trainer)
+    if horizon is not None:
+        return horizon_scheduler(optimizer, lr_scheduler, horizon)
+    total = trainer.estimated_stepping_batches if total_steps is None else total_steps
+    if not math.isfinite(total):
+        raise ValueError("an LR schedule needs a finite training length: set trainer.max_steps or max_epochs, "
+                         "or a time budget (callbacks/time_budget)")
+    return lr_scheduler(optimizer=optimizer, num_training_steps=int(total))
+
+
 def optimizers_config(
     trainer: Trainer,
     params: Iterable[nn.Parameter],
@@ -143,13 +164,8 @@ def optimizers_config(
     lr_scheduler: SchedulerFactory | None = None,
 ) -> Any:
     """What ``LightningModule.configure_optimizers`` returns: the optimiser over ``params`` and, when
-    ``lr_scheduler`` is given, that schedule stepped every optimiser step (logged as ``lr``).
-
-    ``lr_scheduler`` is called as ``lr_scheduler(optimizer=..., num_training_steps=...)`` (e.g.
-    ``diffusers.optimization.get_scheduler`` with ``name`` and ``num_warmup_steps``), the number of steps being
-    ``trainer.estimated_stepping_batches``. When a callback on the trainer plans the length (a time budget, see
-    :func:`find_horizon`), the schedule follows that callback's moving :class:`Horizon` instead
-    (:func:`horizon_scheduler`).
+    ``lr_scheduler`` is given, that schedule (:func:`build_scheduler`: over ``trainer.estimated_stepping_batches``
+    steps, or following a time budget's horizon) stepped every optimiser step (logged as ``lr``).
 
     Raises:
         ValueError: when a schedule is asked for but the training length is unbounded (no max_steps/max_epochs
@@ -158,13 +174,5 @@ def optimizers_config(
     opt = optimizer(params)
     if lr_scheduler is None:
         return opt
-    horizon = find_horizon(trainer)
-    if horizon is not None:
-        scheduler: torch.optim.lr_scheduler.LRScheduler = horizon_scheduler(opt, lr_scheduler, horizon)
-    else:
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("an LR schedule needs a finite training length: set trainer.max_steps or max_epochs, "
-                             "or a time budget (callbacks/time_budget)")
-        scheduler = lr_scheduler(optimizer=opt, num_training_steps=int(total))
+    scheduler = build_scheduler(trainer, opt, lr_scheduler)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
