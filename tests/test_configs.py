@@ -74,6 +74,17 @@ def test_experiment_overrides_only_what_differs(tmp_path) -> None:
     assert cfg.model.net.image_size == 28  # follows data.image_size by interpolation
 
 
+def test_edm_experiment_is_the_quick_ddpm_with_edm(tmp_path) -> None:
+    quick = compose_cfg("train", ["experiment=ddpm_mnist_cpu"], tmp_path)
+    cfg = compose_cfg("train", ["experiment=ddpm_edm_mnist_cpu"], tmp_path)
+    assert cfg.task_name == "ddpm_edm_mnist_cpu"
+    assert (cfg.model.parameterization, cfg.model.sampler) == ("edm", "edm_dpmpp")
+    assert cfg.model.net == quick.model.net and cfg.model.optimizer == quick.model.optimizer
+    assert cfg.callbacks.time_budget == quick.callbacks.time_budget and cfg.data == quick.data
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.edm is not None and model.edm.sigma_data == 0.5
+
+
 def test_sample_config_composes(tmp_path) -> None:
     cfg = compose_cfg("sample", ["ckpt_path=x.ckpt"], tmp_path)
     assert cfg.ckpt_path == "x.ckpt" and cfg.num_samples == 64

@@ -109,6 +109,24 @@ def test_sample_task_from_checkpoint(train_cfg, tmp_path: Path, mnist_available)
         sample_task.load_module(tmp_path / "missing.ckpt")
 
 
+def test_edm_trains_exports_and_samples_from_its_checkpoint(train_cfg, tmp_path: Path, mnist_available) -> None:
+    cfg = train_cfg("data.image_size=8", *SHORT, "trainer.max_steps=3", "model.parameterization=edm",
+                    "model.sampler=edm_heun", "export_pipeline=true")
+    metrics = train_task.run(cfg)
+    assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    out = Path(cfg.paths.output_dir)
+    assert (out / "samples" / "final.png").is_file()
+    assert {p.name for p in (out / "pipeline").iterdir()} >= {"unet", "scheduler"}
+    ckpt = out / "checkpoints" / "last.ckpt"
+    scfg = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=4", "sampler=edm_dpmpp_sde",
+                                  "num_inference_steps=3"], tmp_path / "sample")
+    assert sample_task.run(scfg)["shape"] == [4, 1, 8, 8]
+    model = sample_task.load_module(ckpt)
+    assert model.edm is not None and model.hparams.sampler == "edm_heun"
+    with pytest.raises(ValueError, match="not an EDM sampler"):
+        model.sample(2, sampler="ddim")
+
+
 @pytest.mark.slow
 def test_entry_points_write_a_run_directory(tmp_path: Path, mnist_available) -> None:
     env = {**os.environ, "ATELIER_OUTPUT_DIR": str(tmp_path)}

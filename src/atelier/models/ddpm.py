@@ -1,26 +1,30 @@
-"""Denoising diffusion probabilistic model (Ho et al. 2020) as a LightningModule."""
+"""Denoising diffusion probabilistic model (Ho et al. 2020) as a LightningModule, optionally with EDM's
+preconditioning and loss (Karras et al. 2022; :mod:`atelier.sampling.edm`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from lightning import LightningModule
 from torch import nn
 
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
+from atelier.sampling.edm import EDM_SAMPLERS, EDMConfig, denoiser, edm_loss, heun_sample, make_edm_scheduler
 from atelier.sampling.guidance import drop_labels, guided_prediction, rows_per_class
 from atelier.sampling.loop import reverse_diffusion, sampling_autocast_dtype
 from atelier.sampling.schedulers import SAMPLERS, make_scheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PARAMETERIZATIONS = ("ddpm", "edm")
 
 
 def _check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -75,11 +79,21 @@ class DDPM(LightningModule):
         cond_drop_prob: probability of replacing a training label by the null class, which trains the
             unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022 use 0.1–0.2).
         guidance_scale: default guidance scale ``w`` for :meth:`sample` (1: plain conditional).
+        parameterization: ``ddpm`` (the discrete-time schedule above) or ``edm``: Karras et al. 2022's
+            preconditioning ``c_skip, c_out, c_in, c_noise``, log-normal σ with ``edm_p_mean``/``edm_p_std`` and
+            unit-weight loss (:func:`atelier.sampling.edm.edm_loss`), sampled by
+            :data:`atelier.sampling.edm.EDM_SAMPLERS` (``edm_euler``, ``edm_heun``, ``edm_dpmpp``,
+            ``edm_dpmpp_sde``). With ``edm``, ``num_train_timesteps``, ``beta_schedule`` and ``prediction_type``
+            are unused and the network's timestep input is ``c_noise = ¼ ln σ`` (float).
+        sigma_data, sigma_min, sigma_max, edm_p_mean, edm_p_std: EDM's σ_d, σ range and training ``ln σ``
+            distribution (:class:`atelier.sampling.edm.EDMConfig`); unused with ``ddpm``.
+        s_churn: EDM's ``S_churn`` for the ``edm_heun`` sampler (0: deterministic Heun).
 
     Raises:
         ValueError: for a ``beta_schedule``, ``prediction_type`` or ``sampler`` outside the allowed values, a
             ``cond_drop_prob`` outside ``[0, 1)``, or a network whose class embedding does not match
-            ``num_classes``.
+            ``num_classes``; an EDM sampler with ``parameterization=ddpm`` or the reverse; ``min_snr_gamma`` with
+            ``edm``.
     """
 
     def __init__(
@@ -98,11 +112,22 @@ class DDPM(LightningModule):
         num_classes: int | None = None,
         cond_drop_prob: float = 0.1,
         guidance_scale: float = 1.0,
+        parameterization: str = "ddpm",
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        edm_p_mean: float = -1.2,
+        edm_p_std: float = 1.2,
+        s_churn: float = 0.0,
     ) -> None:
         super().__init__()
+        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("sampler", sampler, SAMPLERS)
+        _check_choice("sampler", sampler, EDM_SAMPLERS if parameterization == "edm" else SAMPLERS)
+        if parameterization == "edm" and min_snr_gamma is not None:
+            raise ValueError("model.min_snr_gamma weights the discrete-time loss; EDM has its own weighting "
+                             "(model.parameterization=edm): set model.min_snr_gamma=null")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"model.min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
         if not 0 <= cond_drop_prob < 1:
@@ -118,6 +143,13 @@ class DDPM(LightningModule):
         self.ema = make_ema(net, ema_decay, ema_warmup)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.edm: EDMConfig | None = None
+        self.noise_scheduler: DDPMScheduler | EDMEulerScheduler
+        if parameterization == "edm":
+            self.edm = EDMConfig(sigma_data, sigma_min, sigma_max, edm_p_mean, edm_p_std)
+            self.noise_scheduler = EDMEulerScheduler(**self.edm.scheduler_config())
+            self.register_buffer("snr", torch.empty(0), persistent=False)
+            return
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
@@ -157,8 +189,11 @@ class DDPM(LightningModule):
                        labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per-batch diffusion loss for clean images ``x0`` ``(B, C, H, W)`` in ``[-1, 1]``; returns a scalar.
 
-        ``labels`` ``(B,)`` int64 (conditional models; already label-dropped) condition the prediction.
+        ``labels`` ``(B,)`` int64 (conditional models; already label-dropped) condition the prediction. With
+        ``parameterization=edm`` this is :func:`atelier.sampling.edm.edm_loss`.
         """
+        if self.edm is not None:
+            return edm_loss(lambda x, c_noise: self.predict(self.net, x, c_noise, labels), x0, self.edm, generator)
         b = x0.shape[0]
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.hparams.num_train_timesteps, (b,), device="cpu", generator=generator)
@@ -234,9 +269,10 @@ class DDPM(LightningModule):
             generator: CPU ``torch.Generator`` for the initial noise and for every stochastic sampler's noise
                 (ancestral, SDE); same seed, same images.
             sampler: a name of :data:`atelier.sampling.schedulers.SAMPLERS` (``ddpm``, ``ddim``, ``dpmpp``,
-                ``dpmpp_3m``, ``dpmpp_sde``, ``dpmpp_3m_sde``, ``unipc``, ``euler_a``, ``sa_solver``); defaults to
+                ``dpmpp_3m``, ``dpmpp_sde``, ``dpmpp_3m_sde``, ``unipc``, ``euler_a``, ``sa_solver``), or with
+                ``parameterization=edm`` of :data:`atelier.sampling.edm.EDM_SAMPLERS`; defaults to
                 ``hparams.sampler``.
-            num_inference_steps: sampler steps (= NFE for every sampler); defaults to
+            num_inference_steps: sampler steps (= NFE for every sampler but ``edm_heun``: 2N − 1); defaults to
                 ``hparams.num_inference_steps``. ``ddpm`` with fewer than ``num_train_timesteps`` steps is strided
                 ancestral sampling.
             eta: DDIM stochasticity (0 = deterministic); ignored by other samplers.
@@ -260,7 +296,10 @@ class DDPM(LightningModule):
         w = float(self.hparams.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
         labels = self._sampling_labels(n, labels, w)
         steps = num_inference_steps or self.hparams.num_inference_steps
-        scheduler = make_scheduler(sampler, self.noise_scheduler.config)
+        if self.edm is not None:
+            scheduler = make_edm_scheduler(sampler, self.edm)
+        else:
+            scheduler = make_scheduler(sampler, self.noise_scheduler.config)
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
@@ -278,7 +317,13 @@ class DDPM(LightningModule):
                     return guided_prediction(lambda x_, t_, y_: self.predict(net, x_, t_, y_), x, t, y,
                                              self.num_classes, w)
 
-                x = reverse_diffusion(scheduler, denoise, noise, steps, generator, eta, dtype)
+                if sampler == "edm_heun":
+                    scheduler.set_timesteps(steps)
+                    with _autocast(self.device, dtype):
+                        x = heun_sample(denoiser(denoise, self.edm.sigma_data), noise, scheduler.sigmas, generator,
+                                        s_churn=self.hparams.get("s_churn", 0.0))
+                else:
+                    x = reverse_diffusion(scheduler, denoise, noise, steps, generator, eta, dtype)
                 out.append(x.clamp(-1, 1).float())
         finally:
             net.train(was_training)
@@ -304,13 +349,24 @@ class DDPM(LightningModule):
 
         ``DDPMPipeline.from_pretrained(path)`` loads it. For a conditional model the UNet keeps its class
         embedding (``class_labels`` must then be passed to the UNet; ``DDPMPipeline.__call__`` does not).
+        With ``parameterization=edm`` no pipeline is written (``DDPMPipeline`` would not precondition the UNet's
+        input): ``unet/`` and ``scheduler/`` load with ``UNet2DModel.from_pretrained(path, subfolder="unet")`` and
+        ``EDMEulerScheduler.from_pretrained(path, subfolder="scheduler")``.
         Raises ``TypeError`` if the network is no ``UNet2DModel``.
         """
         if not isinstance(self.ema.module, UNet2DModel):
             raise TypeError(f"save_pretrained needs a diffusers UNet2DModel, got {type(self.ema.module).__name__}")
+        if self.edm is not None:
+            self.ema.module.save_pretrained(str(Path(path) / "unet"))
+            self.noise_scheduler.save_pretrained(str(Path(path) / "scheduler"))
+            return Path(path)
         pipeline = DDPMPipeline(unet=self.ema.module, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
         pipeline.save_pretrained(str(path))
         return Path(path)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _images(batch: Any) -> torch.Tensor:
