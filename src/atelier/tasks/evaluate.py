@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device", "auto"))
-    model = load_module(cfg.ckpt_path).to(device)
+    model = load_module(cfg.ckpt_path, ema_sigma_rel=cfg.get("ema_sigma_rel")).to(device)
     datamodule = reference_datamodule(cfg.ckpt_path, cfg.get("data_dir"), cfg.get("reference_image_size"))
     extractor_cfg = OmegaConf.to_container(cfg.feature_extractor, resolve=True)
     evaluator = Evaluator(

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CONFIG_KEY
+from atelier.callbacks.posthoc_ema import apply_posthoc_ema
 from atelier.callbacks.samples import class_rows, save_grid
 from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.interface import accepted_kwargs
@@ -39,13 +40,17 @@ def stored_config(checkpoint: dict[str, Any], path: Path, section: str) -> dict[
     return dict(stored)
 
 
-def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
+def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu",
+                ema_sigma_rel: float | None = None) -> L.LightningModule:
     """Rebuild the LightningModule stored in an Atelier checkpoint and load its weights (EMA included).
 
-    The model config comes from :func:`stored_config`. Loads with ``weights_only=True``.
+    The model config comes from :func:`stored_config`. Loads with ``weights_only=True``. With ``ema_sigma_rel``
+    the EMA network is replaced by the post-hoc EMA of that relative length, synthesised from the run's
+    ``posthoc_ema/`` snapshots (:func:`atelier.callbacks.posthoc_ema.apply_posthoc_ema`).
 
     Raises:
-        FileNotFoundError: when the checkpoint does not exist (naming the path).
+        FileNotFoundError: when the checkpoint does not exist (naming the path), or ``ema_sigma_rel`` is given but
+            the run has no post-hoc EMA snapshots.
         KeyError: when neither the checkpoint nor its run directory holds a model config.
     """
     path = Path(ckpt_path).expanduser()
@@ -55,6 +60,8 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     stored = stored_config(checkpoint, path, "model")
     model: L.LightningModule = hydra.utils.instantiate(OmegaConf.create(stored))
     model.load_state_dict(checkpoint["state_dict"])
+    if ema_sigma_rel is not None:
+        apply_posthoc_ema(model, path, float(ema_sigma_rel))
     model.eval()
     return model
 
@@ -108,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Draw ``cfg.num_samples`` images; write ``grid.png``, ``images/*.png`` and ``sample_info.json``."""
     output_dir = Path(cfg.paths.output_dir)
     device = resolve_device(cfg.device)
-    model = load_module(cfg.ckpt_path).to(device)
+    model = load_module(cfg.ckpt_path, ema_sigma_rel=cfg.get("ema_sigma_rel")).to(device)
     if not callable(getattr(model, "sample", None)):
         raise TypeError(f"{type(model).__name__} is an image-to-image model, not a generator: apply it to images "
                         "with stylize.py (style transfer) or restore.py (restoration)")
