@@ -3,6 +3,7 @@
     python scripts/fid_vs_nfe.py outputs/ddpm_mnist_cpu/<date>/<time>/checkpoints/last.ckpt --num-samples 1000
     python scripts/fid_vs_nfe.py CKPT --samplers dpmpp,dpmpp_sde,unipc,euler_a --nfe 10,25,50,100
     python scripts/fid_vs_nfe.py CKPT --rows ddpm-1000,ddim-50,dpmpp-10      # explicit <sampler>-<steps> rows
+    python scripts/fid_vs_nfe.py EDM_CKPT --rows edm_dpmpp-25,edm_heun-13 --ema-sigma-rel 0.1   # an EDM run
 
 Rows are every ``--samplers`` × ``--nfe`` pair (default: all samplers of
 :data:`atelier.sampling.schedulers.SAMPLERS` at 10, 25, 50 and 100 NFE; each sampler costs one network evaluation
@@ -10,7 +11,9 @@ per step, so NFE = steps) or the explicit ``--rows``. All of them cost 9 × 185 
 for 1,000 MNIST samples on a 2-core CPU (~7 ms per image and NFE), minutes on a GPU, so lower --num-samples or
 pick samplers for quick looks. Writes ``fid_vs_nfe.csv``, ``fid_vs_nfe.json`` (rows and protocol) and
 ``fid_vs_nfe.png`` (FID against NFE, one line per sampler, log-scaled NFE) into ``--out``, and prints the table
-and the protocol.
+and the protocol. A checkpoint trained with ``model.parameterization=edm`` takes the samplers of
+:data:`atelier.sampling.edm.EDM_SAMPLERS` (``edm_heun`` costs 2 × steps − 1 NFE; the NFE column counts that), and
+``--ema-sigma-rel`` samples with a post-hoc EMA of that length (runs trained with ``callbacks/posthoc_ema``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from atelier.metrics.evaluator import Evaluator
-from atelier.sampling.schedulers import SAMPLERS
+from atelier.sampling.edm import EDM_SAMPLERS, edm_expected_nfe
+from atelier.sampling.schedulers import SAMPLERS, expected_nfe
 from atelier.tasks.evaluate import format_table, reference_datamodule, result_row
 from atelier.tasks.sample import load_module
 
@@ -36,6 +40,12 @@ DEFAULT_SAMPLERS = ",".join(SAMPLERS)
 DEFAULT_NFE = "10,25,50,100"
 COLUMNS = ["sampler", "NFE", "fid", "kid", "kid_std", "is", "is_std", "class_coverage", "class_entropy", "s/image",
            "features img/s"]
+ALL_SAMPLERS = {**SAMPLERS, **EDM_SAMPLERS}
+
+
+def row_nfe(sampler: str, steps: int) -> int:
+    """Network evaluations per image of ``steps`` steps of ``sampler`` (DDPM or EDM family)."""
+    return edm_expected_nfe(sampler, steps) if sampler in EDM_SAMPLERS else expected_nfe(sampler, steps)
 
 
 def extractor_args(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +84,9 @@ def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
 
 
 def _check_names(names: list[str]) -> None:
-    unknown = sorted({n for n in names if n not in SAMPLERS})
+    unknown = sorted({n for n in names if n not in ALL_SAMPLERS})
     if unknown:
-        raise SystemExit(f"unknown sampler(s) {unknown}; allowed values: {sorted(SAMPLERS)}")
+        raise SystemExit(f"unknown sampler(s) {unknown}; allowed values: {sorted(ALL_SAMPLERS)}")
 
 
 def parse_rows(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -116,7 +126,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any
         mine = sorted((r for r in rows if r["sampler"] == sampler and r.get("fid") is not None),
                       key=lambda r: r["NFE"])
         if mine:
-            spec = SAMPLERS[sampler]
+            spec = ALL_SAMPLERS[sampler]
             style = "--" if spec.stochastic else "-"
             ax.plot([r["NFE"] for r in mine], [r["fid"] for r in mine], style, marker="o", ms=3, label=sampler)
     ax.set_xscale("log")
@@ -141,16 +151,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--nfe", default=DEFAULT_NFE, help=f"comma-separated NFE = steps (default {DEFAULT_NFE})")
     parser.add_argument("--rows", default=None, help="explicit comma-separated <sampler>-<steps> rows instead")
     parser.add_argument("--out", default="outputs/fid_vs_nfe", help="folder for the CSV, JSON and PNG")
+    parser.add_argument("--ema-sigma-rel", type=float, default=None,
+                        help="sample with the post-hoc EMA of this length (runs with callbacks/posthoc_ema)")
     extractor_args(parser)
     args = parser.parse_args(argv)
     pairs = parse_rows(args)
 
-    model = load_module(args.ckpt).to(args.device)
+    model = load_module(args.ckpt, ema_sigma_rel=args.ema_sigma_rel).to(args.device)
     evaluator = make_evaluator(args, args.ckpt)
     rows = []
     for sampler, steps in pairs:
         result = evaluator.evaluate(model, {"sampler": sampler, "num_inference_steps": steps})
-        rows.append({"sampler": sampler, "NFE": steps, **result_row(result)})
+        rows.append({"sampler": sampler, "NFE": row_nfe(sampler, steps), **result_row(result)})
         print(f"{sampler}-{steps}: fid={result['metrics'].get('fid')}", flush=True)
     columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     protocol = evaluator.protocol().to_dict()

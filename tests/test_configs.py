@@ -81,6 +81,7 @@ def test_edm_experiment_is_the_quick_ddpm_with_edm(tmp_path) -> None:
     assert (cfg.model.parameterization, cfg.model.sampler) == ("edm", "edm_dpmpp")
     assert cfg.model.net == quick.model.net and cfg.model.optimizer == quick.model.optimizer
     assert cfg.callbacks.time_budget == quick.callbacks.time_budget and cfg.data == quick.data
+    assert cfg.callbacks.posthoc_ema.sigma_rels == [0.05, 0.10] and "posthoc_ema" not in quick.callbacks
     model = hydra.utils.instantiate(cfg.model)
     assert model.edm is not None and model.edm.sigma_data == 0.5
 
