@@ -206,3 +206,22 @@ def test_save_pretrained_writes_a_unet_and_an_edm_scheduler(tmp_path: Path) -> N
     with torch.no_grad():
         torch.testing.assert_close(unet(x, c_noise).sample, model.ema.module(x, c_noise).sample)
     assert not (out / "model_index.json").exists()  # no DDPMPipeline: it would not precondition the input
+
+
+def test_fid_vs_nfe_rows_take_edm_samplers_and_count_heun_nfe() -> None:
+    import argparse
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("fid_vs_nfe", ROOT / "scripts" / "fid_vs_nfe.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(rows="edm_dpmpp-25,edm_heun-13,dpmpp-25", samplers=None, nfe=None)
+    assert script.parse_rows(args) == [("edm_dpmpp", 25), ("edm_heun", 13), ("dpmpp", 25)]
+    assert [script.row_nfe(s, n) for s, n in script.parse_rows(args)] == [25, 25, 25]
+    with pytest.raises(SystemExit, match="edm_heun"):
+        script.parse_rows(argparse.Namespace(rows="edm_heunn-5", samplers=None, nfe=None))
