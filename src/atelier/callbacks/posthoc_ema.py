@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "posthoc_ema.json"
 
 
-def _posthoc(net: nn.Module, folder: Path, sigma_rels: tuple[float, ...], every: int | str,
-             dtype: torch.dtype) -> PostHocEMA:
-    return PostHocEMA(net, sigma_rels=tuple(sigma_rels), checkpoint_every_num_steps=every,
+def _posthoc(net: nn.Module, folder: Path, sigma_rels: tuple[float, ...], dtype: torch.dtype) -> PostHocEMA:
+    """``PostHocEMA`` updated every step, whose snapshots are written by the caller (``checkpoint()``)."""
+    return PostHocEMA(net, sigma_rels=tuple(sigma_rels), checkpoint_every_num_steps="manual",
                       checkpoint_folder=str(folder), checkpoint_dtype=dtype, update_every=1)
 
 
@@ -87,7 +87,7 @@ class PostHocEMACallback(L.Callback):
                 {"sigma_rels": list(self.sigma_rels), "attribute": self.attribute,
                  "snapshot_every_n_steps": self.every}, indent=2))
         # snapshots are written by this callback (rank 0), not by PostHocEMA's own step counter
-        self.ema = _posthoc(net, self.folder, self.sigma_rels, "manual", self.dtype)
+        self.ema = _posthoc(net, self.folder, self.sigma_rels, self.dtype)
         if self._pending is not None:
             self.ema.load_state_dict(self._pending)
             self._pending = None
@@ -136,7 +136,7 @@ def synthesize_ema(net: nn.Module, folder: str | Path, sigma_rel: float, step: i
     if not 0 < sigma_rel <= 0.28:
         raise ValueError(f"ema_sigma_rel must lie in (0, 0.28], got {sigma_rel}")
     sigma_rels = tuple(json.loads(config_file.read_text())["sigma_rels"])
-    ema = _posthoc(net, folder, sigma_rels, "manual", torch.float32)
+    ema = _posthoc(net, folder, sigma_rels, torch.float32)
     synthesized = ema.synthesize_ema_model(sigma_rel=sigma_rel, step=step)
     return {k: v.float() for k, v in synthesized.ema_model.state_dict().items()}
 

@@ -3,7 +3,6 @@ preconditioning and loss (Karras et al. 2022; :mod:`atelier.sampling.edm`)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
 from atelier.sampling.edm import EDM_SAMPLERS, EDMConfig, denoiser, edm_loss, heun_sample, make_edm_scheduler
 from atelier.sampling.guidance import drop_labels, guided_prediction, rows_per_class
-from atelier.sampling.loop import reverse_diffusion, sampling_autocast_dtype
+from atelier.sampling.loop import autocast_context, reverse_diffusion, sampling_autocast_dtype
 from atelier.sampling.schedulers import SAMPLERS, make_scheduler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -319,7 +318,7 @@ class DDPM(LightningModule):
 
                 if sampler == "edm_heun":
                     scheduler.set_timesteps(steps)
-                    with _autocast(self.device, dtype):
+                    with autocast_context(self.device, dtype):
                         x = heun_sample(denoiser(denoise, self.edm.sigma_data), noise, scheduler.sigmas, generator,
                                         s_churn=self.hparams.get("s_churn", 0.0))
                 else:
@@ -363,10 +362,6 @@ class DDPM(LightningModule):
         pipeline = DDPMPipeline(unet=self.ema.module, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
         pipeline.save_pretrained(str(path))
         return Path(path)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -28,6 +28,11 @@ def sampling_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` on ``device`` with ``dtype``, or a no-op context when ``dtype`` is ``None`` (fp32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def reverse_diffusion(
     scheduler: SchedulerMixin,
     denoise: Denoiser,
@@ -63,8 +68,7 @@ def reverse_diffusion(
     extra = step_kwargs(scheduler, generator, eta)
     x = noise * scheduler.init_noise_sigma
     b = x.shape[0]
-    autocast = (torch.autocast(noise.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = autocast_context(noise.device, autocast_dtype)
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
         with autocast:
