@@ -263,11 +263,11 @@ def test_frozen_precision_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_adamw_variants_fall_back_with_one_info_line(caplog: pytest.LogCaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import atelier.models.sd_lora as sd_lora
+    import atelier.utils.log_once as log_once
 
-    monkeypatch.setattr(sd_lora, "_said", set())  # the once-per-process info lines, as in a fresh process
+    monkeypatch.setattr(log_once, "_said", set())  # the once-per-process info lines, as in a fresh process
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with caplog.at_level(logging.INFO, logger="atelier.models.sd_lora"):
+    with caplog.at_level(logging.INFO, logger="atelier.models.adamw_variants"):
         assert adamw_variant(ADAMW, "8bit", cpu) is ADAMW
         assert adamw_variant(ADAMW, "8bit", cpu) is ADAMW
         assert adamw_variant(ADAMW, "fused", cpu) is ADAMW

@@ -1,6 +1,6 @@
 """Which AdamW implementation trains an adapter: PyTorch's default, fused, or bitsandbytes' 8-bit
-(``model.optimizer_variant`` of :class:`atelier.models.sd_lora.StableDiffusionLoRA`, which logs the choice once per
-process through :func:`atelier.models.sd_lora.adamw_variant`)."""
+(``model.optimizer_variant`` of :class:`atelier.models.sd_lora.StableDiffusionLoRA`), and :func:`adamw_variant`, which
+logs that choice once per process (also importable from :mod:`atelier.models.sd_lora`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from atelier.models.optim import OptimizerFactory
+from atelier.utils.log_once import info_once
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +66,13 @@ def select_adamw(factory: OptimizerFactory, variant: str, device: torch.device,
         note("optimizer: fused AdamW (AdamW(fused=True))")
         return functools.partial(torch.optim.AdamW, *factory.args, **{**factory.keywords, "fused": True})
     return factory
+
+
+def adamw_variant(factory: OptimizerFactory, variant: str, device: torch.device) -> OptimizerFactory:
+    """The optimiser factory for ``model.optimizer_variant`` (:func:`select_adamw`: ``adamw``, ``fused``, ``8bit``
+    or ``auto``, with fallbacks), its info lines logged once per process.
+
+    Raises:
+        ValueError: for a variant not in :data:`OPTIMIZER_VARIANTS`.
+    """
+    return select_adamw(factory, variant, device, note=functools.partial(info_once, log))

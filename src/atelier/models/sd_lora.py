@@ -24,7 +24,7 @@ from lightning import LightningModule
 from PIL import Image
 
 from atelier.data.captioned_batch import unpack_batch
-from atelier.models.adamw_variants import OPTIMIZER_VARIANTS, check_optimizer_variant, select_adamw
+from atelier.models.adamw_variants import OPTIMIZER_VARIANTS, adamw_variant, check_optimizer_variant
 from atelier.models.lora_loss import (
     instance_and_class_loss,
     noise_prediction_loss,
@@ -44,31 +44,12 @@ from atelier.text2image.lora_sampling import (
 )
 from atelier.text2image.schedulers import SD_SAMPLERS
 from atelier.text2image.weights import is_random_weights, load_sd_pipeline, resolve_model
+from atelier.utils.log_once import info_once
 
 __all__ = ["DEFAULT_TARGETS", "FROZEN_PRECISIONS", "OPTIMIZER_VARIANTS", "StableDiffusionLoRA", "adamw_variant",
            "frozen_dtype", "lora_parameter_count", "offset_noise"]
 
 log = logging.getLogger(__name__)
-_said: set[str] = set()
-
-
-def _info_once(message: str, *args: Any) -> None:
-    """``log.info`` a message once per process."""
-    text = message % args if args else message
-    if text not in _said:
-        _said.add(text)
-        log.info(text)
-
-
-def adamw_variant(factory: OptimizerFactory, variant: str, device: torch.device) -> OptimizerFactory:
-    """The optimiser factory for ``model.optimizer_variant`` (:func:`atelier.models.adamw_variants.select_adamw`:
-    ``adamw``, ``fused``, ``8bit`` or ``auto``, with fallbacks), its info lines logged once per process.
-
-    Raises:
-        ValueError: for a variant not in :data:`OPTIMIZER_VARIANTS`.
-    """
-    return select_adamw(factory, variant, device, note=_info_once)
-
 
 class StableDiffusionLoRA(LightningModule):
     """LoRA adapters on a frozen Stable Diffusion UNet, trained with the noise-prediction loss on captioned images.
@@ -197,7 +178,7 @@ class StableDiffusionLoRA(LightningModule):
         if self.vae.dtype != dtype or self.text_encoder.dtype != dtype:
             self.vae.to(dtype)
             self.text_encoder.to(dtype)
-        _info_once("model.frozen_precision=%s: VAE and text encoder in %s on %s", self.hparams.frozen_precision,
+        info_once(log, "model.frozen_precision=%s: VAE and text encoder in %s on %s", self.hparams.frozen_precision,
                    str(dtype).removeprefix("torch."), torch.device(device).type)
         return dtype
 
