@@ -57,6 +57,9 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
                              "outputs/<mnist|art>_classifier/classifier.ckpt)")
     parser.add_argument("--reference-image-size", type=int, default=None,
                         help="reference images at this size (px), default: the checkpoint's data.image_size")
+    parser.add_argument("--sample-image-size", type=int, default=None,
+                        help="resize generated images to this size (px) first: with --reference-image-size at the "
+                             "same value, models drawn at different sizes are scored at one resolution")
     parser.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--reference-split", default=None, help="train | val | test (default: test if present)")
@@ -80,7 +83,7 @@ def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
     datamodule = reference_datamodule(ckpt, image_size=args.reference_image_size)
     return Evaluator(extractor, datamodule, args.metrics.split(","), args.num_samples,
                      args.reference_split, args.reference_size, args.cache_dir, batch_size=args.batch_size,
-                     seed=args.seed, device=args.device)
+                     seed=args.seed, device=args.device, sample_image_size=args.sample_image_size)
 
 
 def _check_names(names: list[str]) -> None:

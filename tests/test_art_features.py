@@ -106,6 +106,39 @@ def test_evaluation_in_the_protocol_with_cache(trained: tuple[Path, Path], tmp_p
     assert again["reference_cache_hit"] is True and again["metrics"]["fid"] == pytest.approx(m["fid"], abs=1e-9)
 
 
+def test_samples_resized_to_the_reference_resolution(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """``sample_image_size``: 64 px samples scored against a 32 px reference at 32 px, as a 32 px model would be."""
+    from atelier.data.art_folder import ArtFolderDataModule
+
+    _, ckpt = trained
+    kwargs = {"batch_size": 16, "check_images": False, "hflip": False}
+    big = ArtFolderDataModule(str(ART), image_size=64, **kwargs)
+    big.setup("fit")
+    real_64 = torch.stack([big.train_set[i][0] for i in range(40)])
+    reference_32 = ArtFolderDataModule(str(ART), image_size=32, **kwargs)
+
+    class Real64(torch.nn.Module):
+        drawn = 0
+
+        def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+            self.drawn += n
+            return real_64[self.drawn - n:self.drawn]
+
+    def score(size: int | None) -> dict:
+        evaluator = Evaluator({"name": "art_classifier", "ckpt_path": str(ckpt)}, reference_32, ["fid"], 40,
+                              reference_size=40, cache_dir=tmp_path, batch_size=20, sample_image_size=size)
+        return evaluator.evaluate(Real64())
+
+    resized, as_drawn = score(32), score(None)
+    assert resized["protocol"]["sample_image_size"] == 32 and as_drawn["protocol"]["sample_image_size"] is None
+    # the same paintings: at 32 px they match the 32 px reference far better than their 64 px detail does
+    assert resized["metrics"]["fid"] < 0.5 * as_drawn["metrics"]["fid"]
+    assert as_drawn["metrics"]["fid"] > 0
+    with pytest.raises(ValueError, match="sample_image_size=0"):
+        Evaluator({"name": "art_classifier", "ckpt_path": str(ckpt)}, reference_32, ["fid"], 40,
+                  reference_size=40, sample_image_size=0)
+
+
 def test_preprocessing_channels_crop_and_resize() -> None:
     torch.manual_seed(0)
     net = ClassifierNet(image_size=64, channels=3, num_classes=3, width=4, feature_dim=8)

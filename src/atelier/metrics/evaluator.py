@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atelier.metrics.cache import ReferenceCache, ReferenceStats, dataset_identity, resolve_split
@@ -42,23 +43,31 @@ class Evaluator:
         device: where the extractor runs (the model stays where it is).
         prc_k: k of the precision/recall k-NN radii (Kynkäänniemi et al. 2019: 3); they use the first
             ``min(num_samples, reference_size)`` features of each side.
+        sample_image_size: side in px the generated images are resized to (bilinear, antialiased) before the
+            extractor; ``None``: as drawn. With the reference loaded at the same size (``evaluate.py
+            reference_image_size``) models drawn at different sizes are compared at one common resolution, e.g.
+            a 64 px GAN and a 32 px DDPM both at 32 px.
 
     Raises:
-        ValueError: for unknown metrics, fewer than 2 samples, a non-positive batch size, a ``reference_size``
-            outside the split, or (with precision/recall) ``prc_k`` not below ``min(num_samples, reference_size)``.
+        ValueError: for unknown metrics, fewer than 2 samples, a non-positive batch size or
+            ``sample_image_size``, a ``reference_size`` outside the split, or (with precision/recall) ``prc_k``
+            not below ``min(num_samples, reference_size)``.
     """
 
     def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module, datamodule: Any,
                  metrics: Sequence[str] = DEFAULT_METRICS, num_samples: int = 1000, reference_split: str | None = None,
                  reference_size: int | None = None, cache_dir: str | Path | None = None,
                  kid_subset_size: int | None = None, kid_subsets: int = 100, is_splits: int = 10,
-                 batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu", prc_k: int = DEFAULT_K
-                 ) -> None:
+                 batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu", prc_k: int = DEFAULT_K,
+                 sample_image_size: int | None = None) -> None:
         self.metric_names = check_metrics(metrics)
         if int(num_samples) < 2:
             raise ValueError(f"num_samples={num_samples} is too small; FID/KID need at least 2 generated images")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        if sample_image_size is not None and int(sample_image_size) < 1:
+            raise ValueError(f"sample_image_size={sample_image_size} must be a positive size in px or null")
+        self.sample_image_size = None if sample_image_size is None else int(sample_image_size)
         self.extractor = build_extractor(feature_extractor).to(device)
         self.datamodule = datamodule
         self.split, self.dataset = resolve_split(datamodule, reference_split)
@@ -100,7 +109,7 @@ class Evaluator:
             channels=e.channels, dataset=dataset_identity(self.datamodule), reference_split=self.split,
             reference_size=self.reference_size, num_samples=self.num_samples, kid_subset_size=kid_size,
             kid_subsets=self.kid_subsets, is_splits=self.is_splits, prc_k=self.prc_k, prc_num_real=prc_n,
-            prc_num_fake=prc_n, seed=self.seed,
+            prc_num_fake=prc_n, seed=self.seed, sample_image_size=self.sample_image_size,
             sampling={k: v for k, v in (sampling or {}).items() if k != "labels"},
         )
 
@@ -148,7 +157,7 @@ class Evaluator:
             t0 = time.perf_counter()
             images = model.sample(b, generator=generator, **batch_kwargs)
             sampling_seconds += time.perf_counter() - t0
-            self.metrics.update(images.to(self.device), labels=batch_labels)
+            self.metrics.update(self._resized(images).to(self.device), labels=batch_labels)
         values = self.metrics.compute(seed=self.seed)
         shared = self.metrics.shared
         timing = {
@@ -159,6 +168,14 @@ class Evaluator:
         }
         return {"metrics": values, "protocol": self.protocol(kwargs).to_dict(), "timing": timing,
                 "reference_cache_hit": self.cache_hit}
+
+
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` generated images at ``sample_image_size`` (bilinear, antialiased; same value range)."""
+        size = self.sample_image_size
+        if size is None or tuple(images.shape[-2:]) == (size, size):
+            return images
+        return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _takes_batch_size(model: Any) -> bool:

@@ -80,6 +80,8 @@ class EvalProtocol:
         prc_num_real, prc_num_fake: real and generated features precision/recall were computed on (the first
             ones of each side; equal counts, ``min(num_samples, reference_size)``, as Kynkäänniemi et al. 2019).
         seed: seed of the generator noise and of KID/IS subset draws.
+        sample_image_size: side in px generated images were resized to before the extractor (bilinear,
+            antialiased), to compare at the reference's resolution; ``None``: as drawn.
         sampling: sampler options passed to ``model.sample`` (e.g. ``{"sampler": "ddim", ...}``).
     """
 
@@ -105,6 +107,7 @@ class EvalProtocol:
     prc_num_real: int | None = None
     prc_num_fake: int | None = None
     seed: int = 0
+    sample_image_size: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
 
     #: the fields that determine the reference statistics (cache key); the rest describe the generated side
@@ -135,7 +138,8 @@ class EvalProtocol:
             f"preprocessing: {p.quantisation}; {p.channels}; {p.resize} resize to {p.input_size} px, "
             f"antialias={p.antialias}; statistics in {p.dtype}",
             f"reference: {p.dataset.get('name', p.dataset)} split={p.reference_split}, {p.reference_size} images",
-            f"generated: {p.num_samples} samples, seed {p.seed}, sampling {p.sampling or 'model defaults'}",
+            f"generated: {p.num_samples} samples, seed {p.seed}, sampling {p.sampling or 'model defaults'}"
+            + (f", resized to {p.sample_image_size} px first" if p.sample_image_size else ""),
             f"KID: subsets={p.kid_subsets}, subset_size={p.kid_subset_size}; IS: splits={p.is_splits}",
         ] + ([f"precision/recall: k={p.prc_k}, {p.prc_num_real} real and {p.prc_num_fake} generated features"]
              if p.prc_k is not None else []))

@@ -96,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         extractor_cfg, datamodule, list(cfg.metrics), int(cfg.num_samples), cfg.get("reference_split"),
         cfg.get("reference_size"), cfg.get("cache_dir"), cfg.get("kid_subset_size"), int(cfg.kid_subsets),
         int(cfg.is_splits), int(cfg.batch_size), int(cfg.seed), device, prc_k=int(cfg.get("prc_k", 3)),
+        sample_image_size=cfg.get("sample_image_size"),
     )
     sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale",
                                                                      "sampling_prior")}
