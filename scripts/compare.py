@@ -18,7 +18,7 @@ from pathlib import Path
 from fid_vs_nfe import extractor_args, make_evaluator
 
 from atelier.tasks.evaluate import format_table, result_row, sampling_params
-from atelier.tasks.sample import load_module
+from atelier.tasks.sample import autocast_kwargs, load_module
 
 
 def fit_seconds(ckpt: Path) -> float | None:
@@ -44,7 +44,8 @@ def main() -> None:
     for ckpt in map(Path, args.ckpts):
         model = load_module(ckpt).to(args.device)
         result = evaluator.evaluate(model, {"sampler": args.sampler, "num_inference_steps": args.steps,
-                                            "sampling_prior": args.sampling_prior})
+                                            "sampling_prior": args.sampling_prior,
+                                            **autocast_kwargs(model, args.autocast)})
         run = ckpt.resolve().parent.parent
         rows.append({"model": type(model).__name__, "run": f"{run.parent.parent.name}/{run.name}",
                      "params": f"{sampling_params(model) / 1e6:.2f} M", "train s": fit_seconds(ckpt),

@@ -34,7 +34,7 @@ from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.edm import EDM_SAMPLERS, edm_expected_nfe
 from atelier.sampling.schedulers import SAMPLERS, expected_nfe
 from atelier.tasks.evaluate import format_table, reference_datamodule, result_row
-from atelier.tasks.sample import load_module
+from atelier.tasks.sample import autocast_kwargs, load_module
 
 DEFAULT_SAMPLERS = ",".join(SAMPLERS)
 DEFAULT_NFE = "10,25,50,100"
@@ -70,6 +70,9 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("ATELIER_OUTPUT_DIR", "outputs"),
                                                             "reference_stats"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
+                        help="DDPMs: the network under bf16 autocast where that pays (CPU with AMX, CUDA with bf16), "
+                             "as sample.py / evaluate.py autocast=true; --no-autocast: fp32")
 
 
 def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     evaluator = make_evaluator(args, args.ckpt)
     rows = []
     for sampler, steps in pairs:
-        result = evaluator.evaluate(model, {"sampler": sampler, "num_inference_steps": steps})
+        result = evaluator.evaluate(model, {"sampler": sampler, "num_inference_steps": steps,
+                                            **autocast_kwargs(model, args.autocast)})
         rows.append({"sampler": sampler, "NFE": row_nfe(sampler, steps), **result_row(result)})
         print(f"{sampler}-{steps}: fid={result['metrics'].get('fid')}", flush=True)
     columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from atelier.tasks import evaluate, train
+from atelier.utils.precision import cpu_bf16_matrix_units
 from tests.conftest import ROOT, compose_cfg
 
 TINY_RUN = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "export_pipeline=false"]
@@ -60,7 +61,9 @@ def test_evaluate_each_family(family: str, train_cfg: Callable[..., DictConfig],
     assert p["antialias"] is False and p["dtype"] == "float64" and p["extractor"] == "mnist_classifier"
     assert p["weights"] == str(classifier_ckpt) and len(p["weights_sha256"]) == 16
     assert p["dataset"]["name"] == "MNISTDataModule" and p["dataset"]["image_size"] == 32
-    assert p["sampling"] == ({"sampler": "ddim", "num_inference_steps": 2} if family == "ddpm" else {})
+    # autocast=true (the default) is recorded as what it resolved to on this CPU: bf16 only with AMX
+    expected = {"sampler": "ddim", "num_inference_steps": 2, "autocast": cpu_bf16_matrix_units()}
+    assert p["sampling"] == (expected if family == "ddpm" else {})
     assert written["params"] > 0 and written["model"] == {"ddpm": "DDPM", "gan": "GAN", "vae": "VAE"}[family]
     assert result["reference_cache_hit"] is False
     again = evaluate.run(eval_cfg(ckpt, tmp_path, classifier_ckpt, *extra))

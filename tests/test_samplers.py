@@ -20,6 +20,7 @@ from atelier.sampling.schedulers import (
     make_scheduler,
     step_kwargs,
 )
+from atelier.tasks.sample import autocast_kwargs
 from atelier.utils.precision import FLAGS_ENV
 
 NAMES = sorted(SAMPLERS)
@@ -232,3 +233,23 @@ def test_autocast_option_follows_the_cpu_rule(monkeypatch: pytest.MonkeyPatch) -
     assert seen[8:] == [True] * 4
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - ref).abs().max() < 0.1
+
+
+def test_tasks_resolve_the_autocast_key_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sample.py / evaluate.py / the scripts pass ``autocast`` as what it resolves to (bf16 only where it pays), and
+    only to models whose ``sample`` takes it."""
+    model = tiny_ddpm()
+    monkeypatch.setenv(FLAGS_ENV, "avx2,avx512_bf16,amx_bf16")
+    assert autocast_kwargs(model, True) == {"autocast": True}
+    assert autocast_kwargs(model, False) == {"autocast": False}
+    assert autocast_kwargs(model, None) == {}
+    monkeypatch.setenv(FLAGS_ENV, "avx2,avx512_bf16")  # bf16 vector units only: bf16 would not pay, fp32
+    assert autocast_kwargs(model, True) == {"autocast": False}
+
+    class FP32Only:  # a family without the option (GAN, VAE)
+        device = torch.device("cpu")
+
+        def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+            return torch.zeros(n, 1, 8, 8)
+
+    assert autocast_kwargs(FP32Only(), True) == {}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 
 import torch
 from diffusers import SchedulerMixin
 
 from atelier.sampling.schedulers import step_kwargs
+from atelier.utils.log_once import info_once
 from atelier.utils.precision import autocast_dtype_for_cpu
+
+log = logging.getLogger(__name__)
 
 #: ``denoise(model_input, t)``: the network's prediction ``(B, C, H, W)`` for inputs ``(B, C, H, W)`` at timesteps
 #: ``t`` ``(B,)`` (int64, or float for the Euler scheduler whose timesteps are floats).
@@ -26,6 +30,19 @@ def sampling_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def bf16_sampling(requested: bool | None, device: torch.device | str) -> bool:
+    """Whether to pass ``autocast=True`` to ``DDPM.sample``: ``requested`` (the tasks' ``autocast`` key, the
+    scripts' ``--autocast``) and bf16 autocast pays on ``device`` (:func:`sampling_autocast_dtype`). Resolved
+    here so that the evaluation protocol records ``autocast: true`` only where the network really ran in bf16.
+    Logs the choice once per device and request."""
+    use = bool(requested) and sampling_autocast_dtype(device) is not None
+    if requested:
+        info_once(log, f"sampling precision: {'bf16 autocast' if use else 'fp32'} on {torch.device(device).type} "
+                 f"({'bf16 matrix units / CUDA bf16 present' if use else 'bf16 would not pay on this device'}; "
+                 "autocast=false forces fp32)")
+    return use
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:

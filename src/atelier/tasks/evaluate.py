@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.metrics.evaluator import Evaluator
-from atelier.tasks.sample import load_module, stored_config
+from atelier.tasks.sample import autocast_kwargs, load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale",
                                                                      "sampling_prior")}
+    sample_kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     classes = getattr(model, "num_classes", None)
     if isinstance(classes, int):  # conditional: balanced labels, and the classifier's conditional accuracy
         sample_kwargs["labels"] = torch.arange(int(cfg.num_samples)) % classes
