@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,8 +30,8 @@ def rate(fn, batches: list[torch.Tensor]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extractor", default="mnist_classifier", choices=["mnist_classifier", "inception"])
-    parser.add_argument("--ckpt", default=os.environ.get("ATELIER_MNIST_CLASSIFIER",
-                                                         "outputs/mnist_classifier/classifier.ckpt"))
+    parser.add_argument("--ckpt", default=os.environ.get("ATELIER_MNIST_CLASSIFIER"),
+                        help="default: $ATELIER_MNIST_CLASSIFIER, else the pinned weights (atelier.metrics.pinned)")
     parser.add_argument("--random-weights", action="store_true", help="Inception with random weights")
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=250)
@@ -40,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = {"name": args.extractor}
-    cfg.update({"ckpt_path": Path(args.ckpt)} if args.extractor == "mnist_classifier"
+    cfg.update({"ckpt_path": args.ckpt} if args.extractor == "mnist_classifier"
                else {"random_weights": args.random_weights})
     extractor = build_extractor(cfg)
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
                         choices=["mnist_classifier", "art_classifier", "inception"])
     parser.add_argument("--classifier-ckpt", default=None,
                         help="domain classifier (default: $ATELIER_MNIST_CLASSIFIER / $ATELIER_ART_CLASSIFIER, else "
-                             "outputs/<mnist|art>_classifier/classifier.ckpt)")
+                             "the pinned weights, atelier.metrics.pinned)")
     parser.add_argument("--reference-image-size", type=int, default=None,
                         help="reference images at this size (px), default: the checkpoint's data.image_size")
     parser.add_argument("--sample-image-size", type=int, default=None,
@@ -81,8 +81,7 @@ def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
         extractor["weights_path"] = args.inception_weights
     else:
         env = "ATELIER_MNIST_CLASSIFIER" if args.feature_extractor == "mnist_classifier" else "ATELIER_ART_CLASSIFIER"
-        extractor["ckpt_path"] = args.classifier_ckpt or os.environ.get(
-            env, f"outputs/{args.feature_extractor}/classifier.ckpt")
+        extractor["ckpt_path"] = args.classifier_ckpt or os.environ.get(env)  # None: the pinned weights
     datamodule = reference_datamodule(ckpt, image_size=args.reference_image_size)
     return Evaluator(extractor, datamodule, args.metrics.split(","), args.num_samples,
                      args.reference_split, args.reference_size, args.cache_dir, batch_size=args.batch_size,

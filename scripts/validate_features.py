@@ -59,8 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_dir = Path(os.environ.get("ATELIER_DATA_DIR", ROOT.parent / "shared" / "data"))
     parser.add_argument("--root", type=Path, default=data_dir / "art")
-    parser.add_argument("--classifier-ckpt", default=os.environ.get("ATELIER_ART_CLASSIFIER",
-                                                                    "outputs/art_classifier/classifier.ckpt"))
+    parser.add_argument("--classifier-ckpt", default=os.environ.get("ATELIER_ART_CLASSIFIER"),
+                        help="default: $ATELIER_ART_CLASSIFIER, else the pinned weights (atelier.metrics.pinned)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/image_cache"))

@@ -59,8 +59,8 @@ def test_trained_extractor_gives_features_from_the_stable_checkpoint(trained: tu
     cfg = compose_cfg("evaluate", ["ckpt_path=x.ckpt", "feature_extractor=art_classifier",
                                    f"paths.log_dir={log_dir}"], log_dir / "eval")
     options = OmegaConf.to_container(cfg.feature_extractor, resolve=True)
-    assert options == {"name": "art_classifier", "ckpt_path": str(ckpt), "antialias": True}
-    extractor = build_extractor(options)
+    assert options == {"name": "art_classifier", "ckpt_path": None, "antialias": True}  # None: the pinned weights
+    extractor = build_extractor({**options, "ckpt_path": str(ckpt)})  # the one this run trained
     assert isinstance(extractor, ArtClassifierFeatures)
     assert extractor.num_features == 16 and extractor.num_classes == 3 and extractor.input_size == 64
     assert extractor.weights == str(ckpt) and len(extractor.weights_sha256) == 16
@@ -153,9 +153,7 @@ def test_preprocessing_channels_crop_and_resize() -> None:
     assert not torch.allclose(aliased, extractor.preprocess(big))  # antialias reaches the resize
     with pytest.raises(TypeError, match="uint8"):
         extractor(big.float())
-    with pytest.raises(ValueError, match="ckpt_path"):
-        ArtClassifierFeatures()
-    with pytest.raises(FileNotFoundError, match="experiment=art_classifier"):
+    with pytest.raises(FileNotFoundError, match="experiment=art_classifier.*pin_feature_weights"):
         build_extractor({"name": "art_classifier", "ckpt_path": "/nonexistent/classifier.ckpt"})
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atelier.metrics.mnist_features import classifier_outputs, load_classifier_net
+from atelier.metrics.pinned import classifier_ckpt
 from atelier.metrics.protocol import file_digest
 
 EXPERIMENT = "art_classifier"
@@ -34,12 +35,12 @@ class ArtClassifierFeatures(nn.Module):
     ``{"features": (B, feature_dim) float32 (≥ 0, after ReLU), "logits": (B, num_classes) float32}``.
 
     Args:
-        ckpt_path: classifier checkpoint (``python train.py experiment=art_classifier``).
+        ckpt_path: classifier checkpoint (``python train.py experiment=art_classifier``); default: the pinned
+            weights (:mod:`atelier.metrics.pinned`).
         antialias: antialiased resize for sizes other than the network's.
         net: a ``ClassifierNet`` to use instead of loading ``ckpt_path`` (tests, notebooks).
 
     Raises:
-        ValueError: without ``ckpt_path`` and ``net``.
         FileNotFoundError, TypeError: from :func:`atelier.metrics.mnist_features.load_classifier_net` for a
             missing checkpoint or one that holds no classifier.
     """
@@ -50,8 +51,7 @@ class ArtClassifierFeatures(nn.Module):
                  ) -> None:
         super().__init__()
         if net is None:
-            if ckpt_path is None:
-                raise ValueError("feature_extractor.ckpt_path is required for feature_extractor=art_classifier")
+            ckpt_path = classifier_ckpt(ckpt_path, EXPERIMENT)
             net = load_classifier_net(ckpt_path, EXPERIMENT, ENV_VAR, "art classifier")
         self.net = net.eval().requires_grad_(False)
         self.antialias = bool(antialias)

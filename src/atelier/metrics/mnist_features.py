@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atelier.metrics.pinned import classifier_ckpt
 from atelier.metrics.protocol import file_digest
 
 
@@ -35,8 +36,9 @@ def load_classifier_net(ckpt_path: str | Path, experiment: str = "mnist_classifi
     if not path.is_file():
         raise FileNotFoundError(
             f"{what} checkpoint {path} does not exist. Train it with `python train.py "
-            f"experiment={experiment}` (writes outputs/{experiment}/classifier.ckpt) or set "
-            f"feature_extractor.ckpt_path (or ${env_var}) to a classifier checkpoint."
+            f"experiment={experiment}` (writes outputs/{experiment}/classifier.ckpt) and set "
+            f"feature_extractor.ckpt_path (or ${env_var}) to it, or pin it as the packaged yardstick with "
+            f"`python scripts/pin_feature_weights.py outputs/{experiment}/classifier.ckpt --name {experiment}`."
         )
     module = load_module(path)
     net = getattr(module, "net", None)
@@ -55,7 +57,8 @@ class MNISTClassifierFeatures(nn.Module):
     "logits": (B, 10) float32}``.
 
     Args:
-        ckpt_path: classifier checkpoint (``python train.py experiment=mnist_classifier``).
+        ckpt_path: classifier checkpoint (``python train.py experiment=mnist_classifier``); default: the pinned
+            weights (:mod:`atelier.metrics.pinned`).
         antialias: antialiased resize for sizes that are not padded.
         net: a ``ClassifierNet`` to use instead of loading ``ckpt_path`` (tests, notebooks).
     """
@@ -68,8 +71,7 @@ class MNISTClassifierFeatures(nn.Module):
                  ) -> None:
         super().__init__()
         if net is None:
-            if ckpt_path is None:
-                raise ValueError("feature_extractor.ckpt_path is required for feature_extractor=mnist_classifier")
+            ckpt_path = classifier_ckpt(ckpt_path, self.name)
             net = load_classifier_net(ckpt_path)
         self.net = net.eval().requires_grad_(False)
         self.antialias = bool(antialias)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from atelier.models.lora_loss import (
     prior_preservation_terms,
 )
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
+from atelier.text2image import lora_adapter
 from atelier.text2image.frozen_precision import FROZEN_PRECISIONS, check_frozen_precision, frozen_dtype
 from atelier.text2image.latent_cache import model_fingerprint
 from atelier.text2image.lora_adapter import DEFAULT_TARGETS, add_unet_lora, lora_parameter_count, save_unet_lora
@@ -198,8 +198,7 @@ class StableDiffusionLoRA(LightningModule):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The LoRA parameters only (the frozen base weights are reloaded from ``pretrained_model``)."""
-        full = super().state_dict(*args, **kwargs)
-        return OrderedDict((k, v) for k, v in full.items() if k in self.trainable_names)
+        return lora_adapter.only_lora(super().state_dict(*args, **kwargs), self.trainable_names)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load LoRA parameters (a full state dict also works); with ``strict`` every LoRA parameter must be there.
@@ -207,10 +206,8 @@ class StableDiffusionLoRA(LightningModule):
         Raises:
             RuntimeError: under ``strict`` when LoRA parameters are missing (naming a few).
         """
-        missing = sorted(self.trainable_names - set(state_dict))
-        if strict and missing:
-            raise RuntimeError(f"checkpoint lacks {len(missing)} LoRA parameters, e.g. {missing[:3]}; was it "
-                               f"trained with the same rank/target_modules on {self.hparams.pretrained_model}?")
+        if strict:
+            lora_adapter.check_lora_keys(state_dict, self.trainable_names, self.hparams.pretrained_model)
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # ---------------------------------------------------------------- training

@@ -5,6 +5,7 @@ size, and writing it in diffusers' LoRA format (what ``pipe.load_lora_weights`` 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,21 @@ def save_unet_lora(unet: Any, path: str | Path, info: Mapping[str, Any]) -> Path
                                               safe_serialization=True, unet_lora_adapter_metadata=metadata)
     (path / INFO_FILE).write_text(json.dumps(dict(info), indent=2))
     return path / LORA_WEIGHTS
+
+
+def only_lora(full: Mapping[str, Any], trainable: set[str]) -> OrderedDict[str, Any]:
+    """The entries of a module's ``state_dict`` whose names are in ``trainable`` (the LoRA parameters): what an
+    Atelier LoRA checkpoint stores, the frozen base weights being reloaded from the pretrained model."""
+    return OrderedDict((k, v) for k, v in full.items() if k in trainable)
+
+
+def check_lora_keys(state_dict: Mapping[str, Any], trainable: set[str], pretrained_model: str) -> None:
+    """Raise when ``state_dict`` lacks any of the ``trainable`` (LoRA) parameter names.
+
+    Raises:
+        RuntimeError: naming how many are missing and a few of them.
+    """
+    missing = sorted(trainable - set(state_dict))
+    if missing:
+        raise RuntimeError(f"checkpoint lacks {len(missing)} LoRA parameters, e.g. {missing[:3]}; was it "
+                           f"trained with the same rank/target_modules on {pretrained_model}?")
