@@ -153,7 +153,7 @@ def test_preprocessing_channels_crop_and_resize() -> None:
     assert not torch.allclose(aliased, extractor.preprocess(big))  # antialias reaches the resize
     with pytest.raises(TypeError, match="uint8"):
         extractor(big.float())
-    with pytest.raises(FileNotFoundError, match="experiment=art_classifier.*pin_feature_weights"):
+    with pytest.raises(FileNotFoundError, match=r"experiment=art_classifier.*pin_feature_weights"):
         build_extractor({"name": "art_classifier", "ckpt_path": "/nonexistent/classifier.ckpt"})
 
 
