@@ -28,7 +28,7 @@ import torch
 from fid_vs_nfe import extractor_args, make_evaluator
 
 from atelier.tasks.evaluate import format_table, result_row
-from atelier.tasks.sample import load_module
+from atelier.tasks.sample import autocast_kwargs, load_module
 
 COLUMNS = ["model", "guidance_scale", "fid", "kid", "cond_accuracy", "class_coverage", "s/image"]
 
@@ -40,7 +40,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise SystemExit(f"{args.ckpt} is not a class-conditional model (model.num_classes is null)")
     evaluator = make_evaluator(args, args.ckpt)
     labels = torch.arange(args.num_samples) % model.num_classes
-    options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps}
+    options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps,
+                               **autocast_kwargs(model, args.autocast)}
     rows = []
     for w in (float(s) for s in args.scales.split(",")):
         result = evaluator.evaluate(model, {**options, "labels": labels, "guidance_scale": w})

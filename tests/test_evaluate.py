@@ -143,7 +143,8 @@ def test_guidance_sweep_script_writes_table_csv_and_plot(train_cfg: Callable[...
     result = evaluate.run(eval_cfg(ckpt, tmp_path, classifier_ckpt, "num_inference_steps=2", "guidance_scale=2",
                                    "metrics=[fid]"))
     assert 0.0 <= result["metrics"]["cond_accuracy"] <= 1.0  # balanced labels, checked by the classifier
-    assert result["protocol"]["sampling"] == {"num_inference_steps": 2, "guidance_scale": 2}
+    assert result["protocol"]["sampling"] == {"num_inference_steps": 2, "guidance_scale": 2,
+                                              "autocast": cpu_bf16_matrix_units()}
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "scripts" / "guidance_sweep.py"), str(ckpt), "--scales", "0,2",
            "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",
