@@ -1,11 +1,12 @@
 """The pinned evaluation yardsticks: the domain classifiers' weights that ship with the package.
 
 FID, KID, precision and recall on a domain classifier's features are comparable only under the same weights
-(the protocol records their SHA-256), and retraining a classifier, even with the same command, gives other
-weights. So the weights behind every documented figure are in the package (``atelier/metrics/weights/<name>.ckpt``,
-written by ``scripts/pin_feature_weights.py``). ``feature_extractor=mnist_classifier`` and ``art_classifier``
-read them unless ``feature_extractor.ckpt_path`` (or ``$ATELIER_MNIST_CLASSIFIER`` / ``$ATELIER_ART_CLASSIFIER``)
-names another checkpoint, e.g. one just trained with ``python train.py experiment=<name>``.
+(the protocol records the SHA-256 of the file). A retrained classifier is a new file, with other weights on
+another kind of CPU, so the weights behind every documented figure are in the package
+(``atelier/metrics/weights/<name>.ckpt``, written by ``scripts/pin_feature_weights.py``).
+``feature_extractor=mnist_classifier`` and ``art_classifier`` read them unless ``feature_extractor.ckpt_path``
+(or ``$ATELIER_MNIST_CLASSIFIER`` / ``$ATELIER_ART_CLASSIFIER``) names another checkpoint, e.g. one just trained
+with ``python train.py experiment=<name>``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-#: extractor name -> the experiment that trains it (``python train.py experiment=<name>``)
-PINNED = {"mnist_classifier": "mnist_classifier", "art_classifier": "art_classifier"}
+#: extractors with packaged weights; each is trained by ``python train.py experiment=<name>``
+PINNED = ("mnist_classifier", "art_classifier")
 
 
 def pinned_path(name: str) -> Path:
