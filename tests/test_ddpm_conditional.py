@@ -19,7 +19,7 @@ from atelier.nets.unet import build_unet
 from atelier.sampling.guidance import apply_guidance, drop_labels, guided_prediction, rows_per_class
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task
-from atelier.utils.precision import cpu_bf16_matrix_units
+from atelier.utils.precision import cpu_bf16_pays
 from tests.conftest import compose_cfg
 
 
@@ -153,7 +153,7 @@ def test_train_and_sample_task_with_class_labels(train_cfg: Callable[..., DictCo
     assert info["labels"] == [7, 7, 1, 1, 4, 4]
     assert info["sample_kwargs"]["guidance_scale"] == 2.5
     # autocast=true (default) resolves to bf16 only on a CPU with AMX; the reference below samples the same way
-    assert info["sample_kwargs"]["autocast"] is cpu_bf16_matrix_units()
+    assert info["sample_kwargs"]["autocast"] is cpu_bf16_pays()
     assert Image.open(tmp_path / "sample" / "grid.png").size == (2 * 18 + 2, 3 * 18 + 2)
     expected = model.sample(6, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
                             labels=torch.tensor([7, 7, 1, 1, 4, 4]), guidance_scale=2.5,

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from atelier.tasks import evaluate, train
-from atelier.utils.precision import cpu_bf16_matrix_units
+from atelier.utils.precision import cpu_bf16_pays
 from tests.conftest import ROOT, compose_cfg
 
 TINY_RUN = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "export_pipeline=false"]
@@ -62,7 +62,7 @@ def test_evaluate_each_family(family: str, train_cfg: Callable[..., DictConfig],
     assert p["weights"] == str(classifier_ckpt) and len(p["weights_sha256"]) == 16
     assert p["dataset"]["name"] == "MNISTDataModule" and p["dataset"]["image_size"] == 32
     # autocast=true (the default) is recorded as what it resolved to on this CPU: bf16 only with AMX
-    expected = {"sampler": "ddim", "num_inference_steps": 2, "autocast": cpu_bf16_matrix_units()}
+    expected = {"sampler": "ddim", "num_inference_steps": 2, "autocast": cpu_bf16_pays()}
     assert p["sampling"] == (expected if family == "ddpm" else {})
     assert written["params"] > 0 and written["model"] == {"ddpm": "DDPM", "gan": "GAN", "vae": "VAE"}[family]
     assert result["reference_cache_hit"] is False
@@ -144,7 +144,7 @@ def test_guidance_sweep_script_writes_table_csv_and_plot(train_cfg: Callable[...
                                    "metrics=[fid]"))
     assert 0.0 <= result["metrics"]["cond_accuracy"] <= 1.0  # balanced labels, checked by the classifier
     assert result["protocol"]["sampling"] == {"num_inference_steps": 2, "guidance_scale": 2,
-                                              "autocast": cpu_bf16_matrix_units()}
+                                              "autocast": cpu_bf16_pays()}
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "scripts" / "guidance_sweep.py"), str(ckpt), "--scales", "0,2",
            "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",

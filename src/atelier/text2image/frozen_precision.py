@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from atelier.utils.precision import cpu_bf16_matrix_units
+from atelier.utils.precision import cpu_bf16_pays
 
 #: ``frozen_precision`` values: dtype of the frozen VAE and text encoder
 FROZEN_PRECISIONS = ("auto", "fp32", "bf16")
@@ -22,7 +22,7 @@ def frozen_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen VAE and text encoder for ``precision`` on ``device``.
 
     ``auto``: bf16 on CUDA; on a CPU bf16 only where it pays, i.e. with bf16 matrix units (AMX,
-    :func:`atelier.utils.precision.cpu_bf16_matrix_units`; without them bf16 convolutions run at a fraction of fp32
+    :func:`atelier.utils.precision.cpu_bf16_pays`; without them bf16 convolutions run at a fraction of fp32
     speed); fp32 elsewhere (MPS, other CPUs). ``fp32`` and ``bf16`` are taken as they are.
 
     Raises:
@@ -30,6 +30,6 @@ def frozen_dtype(precision: str, device: torch.device) -> torch.dtype:
     """
     check_frozen_precision(precision)
     if precision == "bf16" or (precision == "auto" and (
-            device.type == "cuda" or (device.type == "cpu" and cpu_bf16_matrix_units()))):
+            device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays()))):
         return torch.bfloat16
     return torch.float32
