@@ -45,12 +45,12 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def make_model(args: argparse.Namespace) -> DDPM:
+def make_model(args: argparse.Namespace, compile_net: bool = False) -> DDPM:
     torch.manual_seed(0)
     net = build_unet(args.image_size, 1, block_out_channels=args.channels, layers_per_block=args.layers,
                      attention_resolutions=(), norm_num_groups=min(32, min(args.channels)))
     return DDPM(net, functools.partial(torch.optim.AdamW, lr=1e-3), beta_schedule="squaredcos_cap_v2",
-                min_snr_gamma=5.0)
+                min_snr_gamma=5.0, compile=compile_net)
 
 
 class StepTimer(L.Callback):
@@ -67,8 +67,9 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str) -> float:
-    model = make_model(args)
+def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str,
+                           compile_net: bool = False) -> float:
+    model = make_model(args, compile_net)
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=args.warmup + args.steps,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
@@ -77,8 +78,11 @@ def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace, precisi
     return args.steps * args.batch_size / (timer.end - timer.start)
 
 
-def raw_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str) -> float:
+def raw_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str,
+                     compile_net: bool = False) -> float:
     model = make_model(args)
+    if compile_net:
+        model.net.compile()  # what DDPM(compile=True) does when Lightning calls configure_model
     model.train()
     opt = torch.optim.AdamW(model.net.parameters(), lr=1e-3)
     it = iter(loader)
@@ -139,6 +143,9 @@ def main() -> None:
                         help="Lightning precisions to time (default: both)")
     parser.add_argument("--repeats", type=int, default=2, help="plain-loop runs per precision (best is used)")
     parser.add_argument("--skip-sampling", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the network under torch.compile (model.compile=true); compile time excluded, "
+                             "so raise --warmup above the steps that recompile (default 5 is enough for one shape)")
     parser.add_argument("--data-dir", default=os.environ.get("ATELIER_DATA_DIR", str(ROOT / "data")))
     args = parser.parse_args()
 
@@ -162,6 +169,12 @@ def main() -> None:
         print(f"[{precision}] Atelier (Lightning): {lit:8.1f} images/s")
         overhead = 100 * (1 - lit / raw_best)
         print(f"[{precision}] Lightning / plain  : {lit / raw_best:8.3f}  (overhead {overhead:+.1f}%)", flush=True)
+        if args.compile:
+            raw_c = raw_images_per_s(loader, args, precision, compile_net=True)
+            lit_c = lightning_images_per_s(loader, args, precision, compile_net=True)
+            results[precision].update(raw_compiled=raw_c, lightning_compiled=lit_c)
+            print(f"[{precision}] torch.compile      : plain loop {raw_c:.1f} images/s ({raw_c / raw_best:.2f}x), "
+                  f"Lightning (model.compile=true) {lit_c:.1f} images/s ({lit_c / lit:.2f}x)", flush=True)
     if set(PRECISIONS) <= set(results):
         fp32, bf16 = results["32-true"], results["bf16-mixed"]
         print(f"bf16 / fp32 training: Lightning {bf16['lightning'] / fp32['lightning']:.2f}x "

@@ -87,6 +87,10 @@ class DDPM(LightningModule):
         sigma_data, sigma_min, sigma_max, edm_p_mean, edm_p_std: EDM's σ_d, σ range and training ``ln σ``
             distribution (:class:`atelier.sampling.edm.EDMConfig`); unused with ``ddpm``.
         s_churn: EDM's ``S_churn`` for the ``edm_heun`` sampler (0: deterministic Heun).
+        compile: compile the training network with ``torch.compile`` (``nn.Module.compile``, in place, so the
+            ``state_dict`` keys and checkpoints are unchanged) when Lightning calls :meth:`configure_model`. The
+            EMA copy that samples stays eager. The first steps pay the compile time (tens of seconds on a CPU);
+            measure the gain with ``scripts/bench_train.py --compile`` on the machine at hand.
 
     Raises:
         ValueError: for a ``beta_schedule``, ``prediction_type`` or ``sampler`` outside the allowed values, a
@@ -118,6 +122,7 @@ class DDPM(LightningModule):
         edm_p_mean: float = -1.2,
         edm_p_std: float = 1.2,
         s_churn: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
@@ -175,6 +180,11 @@ class DDPM(LightningModule):
         if labels is None:
             return net(x, t).sample
         return net(x, t, class_labels=labels).sample
+
+    def configure_model(self) -> None:
+        """Compile the training network in place when ``compile=True`` (once; Lightning calls this per stage)."""
+        if self.hparams.get("compile", False) and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
