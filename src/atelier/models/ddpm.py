@@ -89,7 +89,7 @@ class DDPM(LightningModule):
         s_churn: EDM's ``S_churn`` for the ``edm_heun`` sampler (0: deterministic Heun).
         compile: compile the training network with ``torch.compile`` (``nn.Module.compile``, in place, so the
             ``state_dict`` keys and checkpoints are unchanged) when Lightning calls :meth:`configure_model`. The
-            EMA copy that samples stays eager. The first steps pay the compile time (tens of seconds on a CPU);
+            EMA copy that samples stays eager. The first steps pay the compile time;
             measure the gain with ``scripts/bench_train.py --compile`` on the machine at hand.
 
     Raises:
