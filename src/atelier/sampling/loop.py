@@ -39,9 +39,10 @@ def bf16_sampling(requested: bool | None, device: torch.device | str) -> bool:
     Logs the choice once per device and request."""
     use = bool(requested) and sampling_autocast_dtype(device) is not None
     if requested:
+        why = "bf16 pays on this CPU (atelier.utils.precision) or CUDA has bf16" if use else \
+            "bf16 would not pay on this device"
         info_once(log, f"sampling precision: {'bf16 autocast' if use else 'fp32'} on {torch.device(device).type} "
-                 f"({'bf16 matrix units / CUDA bf16 present' if use else 'bf16 would not pay on this device'}; "
-                 "autocast=false forces fp32)")
+                 f"({why}; autocast=false forces fp32)")
     return use
 
 
