@@ -80,9 +80,8 @@ def lightning_images_per_s(loader: DataLoader, args: argparse.Namespace, precisi
 
 def raw_images_per_s(loader: DataLoader, args: argparse.Namespace, precision: str,
                      compile_net: bool = False) -> float:
-    model = make_model(args)
-    if compile_net:
-        model.net.compile()  # what DDPM(compile=True) does when Lightning calls configure_model
+    model = make_model(args, compile_net)
+    model.configure_model()  # what Lightning calls: compiles the network when compile_net
     model.train()
     opt = torch.optim.AdamW(model.net.parameters(), lr=1e-3)
     it = iter(loader)

@@ -21,8 +21,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sampling_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype that pays on ``device``: bf16 on a CPU with bf16 matrix units (the rule of
-    :func:`atelier.utils.precision.cpu_bf16_pays`), bf16 on a CUDA GPU that supports it, else ``None``
+    """The autocast dtype that pays on ``device``: bf16 on a CPU where it was measured to pay (AMX, or AVX512-BF16 on
+    AMD: :func:`atelier.utils.precision.cpu_bf16_pays`), bf16 on a CUDA GPU that supports it, else ``None``
     (stay in fp32)."""
     device = torch.device(device)
     if device.type == "cpu":

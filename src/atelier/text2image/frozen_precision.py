@@ -21,8 +21,8 @@ def check_frozen_precision(precision: str) -> None:
 def frozen_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen VAE and text encoder for ``precision`` on ``device``.
 
-    ``auto``: bf16 on CUDA; on a CPU bf16 only where it pays, i.e. with bf16 matrix units (AMX,
-    :func:`atelier.utils.precision.cpu_bf16_pays`; without them bf16 convolutions run at a fraction of fp32
+    ``auto``: bf16 on CUDA; on a CPU bf16 only where it pays, i.e. with AMX or AVX512-BF16 on AMD
+    (:func:`atelier.utils.precision.cpu_bf16_pays`; elsewhere bf16 convolutions run at a fraction of fp32
     speed); fp32 elsewhere (MPS, other CPUs). ``fp32`` and ``bf16`` are taken as they are.
 
     Raises:

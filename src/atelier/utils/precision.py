@@ -15,7 +15,7 @@ training images/s):
 ``docs/samplers.md`` has the figures. The rule::
 
     bf16-mixed  if /proc/cpuinfo lists amx_bf16 (BF16_MATRIX_FLAGS)
-    bf16-mixed  if it lists avx512_bf16 and the vendor is AuthenticAMD (Zen 4 and later: AMD_BF16_FLAGS)
+    bf16-mixed  if it lists avx512_bf16 and the vendor is AuthenticAMD (Zen 4 and later: AMD_VENDOR)
     32-true     otherwise (AVX2, Intel AVX512-BF16 without AMX, Arm, CPUs without /proc/cpuinfo such as macOS)
 
 The vendor (``vendor_id``) is read into the flag set as a token (``AuthenticAMD``, ``GenuineIntel``).
@@ -96,20 +96,17 @@ def cpu_precision(flags: frozenset[str] | set[str] | None = None) -> str:
     flags = cpu_flags() if flags is None else flags
     found = [f for f in BF16_MATRIX_FLAGS if f in flags]
     vector = [f for f in BF16_VECTOR_FLAGS if f in flags]
+    precision = BF16_PRECISION if cpu_bf16_pays(flags) else FP32_PRECISION  # the rule; below only its reason
     if found:
-        precision = BF16_PRECISION
         why = (f"the CPU has bf16 matrix units ({', '.join(found)}): bf16 autocast trained 1.7-1.9x faster than "
                "fp32 with AMX")
-    elif vector and AMD_VENDOR in flags:
-        precision = BF16_PRECISION
+    elif vector and precision == BF16_PRECISION:
         why = (f"the CPU is AMD with {', '.join(vector)} (Zen 4 or later): bf16 autocast trained 1.7-1.8x faster "
                "than fp32 on a Zen 4 EPYC")
     elif vector:
-        precision = FP32_PRECISION
         why = (f"the CPU has {', '.join(vector)} but no amx_bf16 and is not AMD: bf16 autocast trained at "
                "0.73-0.80x of fp32 on a Xeon with AMX masked")
     else:
-        precision = FP32_PRECISION
         why = "the CPU has no bf16 units (no amx_bf16): bf16 autocast trained 14x slower than fp32 on AVX2"
     message = f"trainer=cpu: precision={precision} because {why}; set trainer.precision=... to override"
     if message not in _logged:
