@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from atelier.sampling.interface import accepted_kwargs
+from atelier.sampling.loop import bf16_sampling
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class SampleGrid(Callback):
         sample_kwargs: extra keyword arguments for ``sample`` (e.g. ``sampler``, ``num_inference_steps``); the
             ones the module's ``sample`` does not take are dropped with a warning.
         on_train_end: also draw a final grid (``final.png``).
+        autocast: for modules whose ``sample`` takes ``autocast`` (DDPM): run the network under bf16 autocast
+            where that pays on the module's device, by the same rule as ``sample.py`` and ``evaluate.py``
+            (:func:`atelier.sampling.loop.bf16_sampling`); ``False``: fp32. An ``autocast`` in ``sample_kwargs``
+            wins.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class SampleGrid(Callback):
         seed: int = 0,
         sample_kwargs: dict[str, Any] | None = None,
         on_train_end: bool = True,
+        autocast: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
@@ -76,6 +82,7 @@ class SampleGrid(Callback):
         self.seed = seed
         self.sample_kwargs = dict(sample_kwargs or {})
         self.final = on_train_end
+        self.autocast = autocast
         self._last_step = -1
         self.paths: list[Path] = []
         self._reference: torch.Tensor | None = None
@@ -131,6 +138,8 @@ class SampleGrid(Callback):
         paths = []
         if has_sample:
             kwargs = accepted_kwargs(pl_module, self.sample_kwargs)
+            if "autocast" not in kwargs and accepted_kwargs(pl_module, {"autocast": True}, warn=False):
+                kwargs["autocast"] = bf16_sampling(self.autocast, pl_module.device)
             generator = torch.Generator().manual_seed(self.seed)
             images = pl_module.sample(self.num_samples, generator=generator, **kwargs)
             paths.append(self._save_and_log(trainer, images, name, "samples", class_rows(pl_module, len(images))))
