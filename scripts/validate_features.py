@@ -8,6 +8,12 @@ and B, once per seed. A is the reference. Rows: B as it is (real vs real: should
 each of :data:`atelier.metrics.degrade.DEGRADATIONS` at three growing levels (blur σ px, Gaussian noise σ, hue
 rotation in turns, tiles shuffled at 32/16/8 px): a useful extractor gives numbers far above real-vs-real that
 grow with the level. Prints mean ± std over the seeds and writes one CSV row per (condition, level, seed).
+
+``--downscale 48 32`` adds rows for B drawn at fewer pixels (resized down, antialiased, and scored as generated
+images are: the extractor resizes them back up). Such a row is the best score a perfect model trained at that
+size can reach against a reference at ``--image-size``:
+
+    python scripts/validate_features.py --seeds 0 1 2 --downscale 48 32 16
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -65,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/image_cache"))
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--downscale", type=int, nargs="*", default=[],
+                        help="also score B resized down to these sizes (px): a perfect model's floor at that size")
     args = parser.parse_args()
 
     extractor = build_extractor({"name": "art_classifier", "ckpt_path": args.classifier_ckpt})
@@ -85,6 +94,9 @@ def main() -> None:
             for level in levels:
                 degraded = to_uint8(fn(b01, level, generator=g) * 2 - 1)
                 rows.append({"condition": name, "level": level, "seed": seed, **score(metrics, degraded, seed)})
+        for size in args.downscale:
+            smaller = TF.resize(b, [size, size], antialias=True)
+            rows.append({"condition": "downscaled", "level": size, "seed": seed, **score(metrics, smaller, seed)})
         print(f"seed {seed}: done ({half} vs {half} images)", flush=True)
 
     print(f"\n| condition | level | FID | KID | precision | recall |   (mean ± std over seeds {args.seeds})")
