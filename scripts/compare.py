@@ -17,8 +17,9 @@ from pathlib import Path
 
 from fid_vs_nfe import extractor_args, make_evaluator
 
+from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row, sampling_params
-from atelier.tasks.sample import autocast_kwargs, load_module
+from atelier.tasks.sample import load_module
 
 
 def fit_seconds(ckpt: Path) -> float | None:

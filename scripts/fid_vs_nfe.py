@@ -32,9 +32,10 @@ import matplotlib.pyplot as plt
 
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.edm import EDM_SAMPLERS, edm_expected_nfe
+from atelier.sampling.loop import autocast_kwargs
 from atelier.sampling.schedulers import SAMPLERS, expected_nfe
 from atelier.tasks.evaluate import format_table, reference_datamodule, result_row
-from atelier.tasks.sample import autocast_kwargs, load_module
+from atelier.tasks.sample import load_module
 
 DEFAULT_SAMPLERS = ",".join(SAMPLERS)
 DEFAULT_NFE = "10,25,50,100"

@@ -27,8 +27,9 @@ import matplotlib.pyplot as plt
 import torch
 from fid_vs_nfe import extractor_args, make_evaluator
 
+from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row
-from atelier.tasks.sample import autocast_kwargs, load_module
+from atelier.tasks.sample import load_module
 
 COLUMNS = ["model", "guidance_scale", "fid", "kid", "cond_accuracy", "class_coverage", "s/image"]
 

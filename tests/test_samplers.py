@@ -12,7 +12,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from atelier.models.ddpm import DDPM
 from atelier.nets.unet import build_unet
-from atelier.sampling.loop import reverse_diffusion
+from atelier.sampling.loop import autocast_kwargs, reverse_diffusion
 from atelier.sampling.schedulers import (
     SAMPLERS,
     SDEDPMSolver3MScheduler,
@@ -20,7 +20,6 @@ from atelier.sampling.schedulers import (
     make_scheduler,
     step_kwargs,
 )
-from atelier.tasks.sample import autocast_kwargs
 from atelier.utils.precision import FLAGS_ENV
 
 NAMES = sorted(SAMPLERS)

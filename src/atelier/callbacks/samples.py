@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from atelier.sampling.interface import accepted_kwargs
-from atelier.sampling.loop import bf16_sampling
+from atelier.sampling.loop import autocast_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class SampleGrid(Callback):
         paths = []
         if has_sample:
             kwargs = accepted_kwargs(pl_module, self.sample_kwargs)
-            if "autocast" not in kwargs and accepted_kwargs(pl_module, {"autocast": True}, warn=False):
-                kwargs["autocast"] = bf16_sampling(self.autocast, pl_module.device)
+            if "autocast" not in kwargs:
+                kwargs.update(autocast_kwargs(pl_module, self.autocast))
             generator = torch.Generator().manual_seed(self.seed)
             images = pl_module.sample(self.num_samples, generator=generator, **kwargs)
             paths.append(self._save_and_log(trainer, images, name, "samples", class_rows(pl_module, len(images))))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
 
+from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.schedulers import step_kwargs
 from atelier.utils.log_once import info_once
 from atelier.utils.precision import autocast_dtype_for_cpu
@@ -44,6 +46,19 @@ def bf16_sampling(requested: bool | None, device: torch.device | str) -> bool:
         info_once(log, f"sampling precision: {'bf16 autocast' if use else 'fp32'} on {torch.device(device).type} "
                  f"({why}; autocast=false forces fp32)")
     return use
+
+
+def autocast_kwargs(model: Any, requested: bool | None) -> dict[str, bool]:
+    """``{"autocast": bool}`` for models whose ``sample`` takes it (DDPMs), resolved on the model's device by
+    :func:`bf16_sampling`; ``{}`` for the others (GAN, VAE: fp32) and when ``requested`` is ``None``. The one place
+    where the tasks, the scripts and the sample-grid callback turn an ``autocast`` request into a ``sample`` option.
+
+    Raises:
+        TypeError: when ``model`` has no ``sample`` method (:func:`atelier.sampling.interface.accepted_kwargs`).
+    """
+    if requested is None or not accepted_kwargs(model, {"autocast": True}, warn=False):
+        return {}
+    return {"autocast": bf16_sampling(requested, model.device)}
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:

@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.metrics.evaluator import Evaluator
-from atelier.tasks.sample import autocast_kwargs, load_module, stored_config
+from atelier.sampling.loop import autocast_kwargs
+from atelier.tasks.sample import load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb

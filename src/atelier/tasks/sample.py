@@ -18,7 +18,7 @@ from atelier.callbacks.posthoc_ema import apply_posthoc_ema
 from atelier.callbacks.samples import class_rows, save_grid
 from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.interface import accepted_kwargs
-from atelier.sampling.loop import bf16_sampling
+from atelier.sampling.loop import autocast_kwargs
 from atelier.utils.config import write_json
 from atelier.utils.device import resolve_device
 
@@ -100,14 +100,6 @@ def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     kwargs = accepted_kwargs(model, options)
     kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     return kwargs
-
-
-def autocast_kwargs(model: L.LightningModule, requested: bool | None) -> dict[str, bool]:
-    """``{"autocast": bool}`` for models whose ``sample`` takes it (DDPMs), resolved on the model's device by
-    :func:`atelier.sampling.loop.bf16_sampling`; ``{}`` for the others (GAN, VAE: fp32)."""
-    if requested is None or not accepted_kwargs(model, {"autocast": True}, warn=False):
-        return {}
-    return {"autocast": bf16_sampling(requested, model.device)}
 
 
 def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int) -> int | None:
