@@ -39,6 +39,9 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = load_module(args.ckpt).to(args.device)
     if getattr(model, "num_classes", None) is None:
         raise SystemExit(f"{args.ckpt} is not a class-conditional model (model.num_classes is null)")
+    # the model's own sampler and steps unless given (the quick recipes sample with dpmpp_sde); recorded resolved
+    args.sampler = args.sampler or model.hparams.sampler
+    args.steps = args.steps or model.hparams.num_inference_steps
     evaluator = make_evaluator(args, args.ckpt)
     labels = torch.arange(args.num_samples) % model.num_classes
     options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps,
@@ -91,8 +94,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="a class-conditional DDPM checkpoint")
     parser.add_argument("--scales", default="0,1,2,3,5", help="comma-separated guidance scales w")
-    parser.add_argument("--sampler", default="dpmpp", help="ddpm | ddim | dpmpp")
-    parser.add_argument("--steps", type=int, default=25, help="sampler steps (NFE per image, ×2 with guidance)")
+    parser.add_argument("--sampler", default=None,
+                        help="a name of atelier.sampling.schedulers.SAMPLERS (default: the model's own)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampler steps (NFE per image, ×2 with guidance; default: the model's own)")
     parser.add_argument("--baseline", default=None,
                         help="an unconditional checkpoint evaluated under the same protocol")
     parser.add_argument("--out", default="outputs/guidance_sweep", help="folder for the CSV, JSON and PNG")
