@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from atelier.metrics.discriminator import discriminator_separation
+from atelier.metrics.discriminator import discriminator_separation, refit_discriminator
 from atelier.models.gan import GAN
 from atelier.nets.gan import DCGANDiscriminator, DCGANGenerator
 
@@ -68,3 +68,27 @@ def test_reals_like_the_fakes_score_auroc_near_one_half() -> None:
     assert out["auroc_heldout"] is None and out["num_heldout"] == 0
     with pytest.raises(ValueError, match="num_samples=1"):
         discriminator_separation(gan, same, None, num_samples=1)
+
+
+def test_refit_trains_a_copy_that_separates_and_leaves_the_gan_alone() -> None:
+    torch.manual_seed(0)
+    g = DCGANGenerator(image_size=16, channels=1, z_dim=8, base_channels=8, num_classes=3)
+    d = DCGANDiscriminator(image_size=16, channels=1, base_channels=8, norm="spectral", num_classes=3)
+    opt = partial(torch.optim.Adam, lr=1e-3)
+    gan = GAN(g, d, opt, opt, loss="hinge", ema_decay=0.9, diffaugment="translation")
+    before = {k: v.clone() for k, v in gan.discriminator.state_dict().items()}
+    reals = _reals(0.9, 64)  # bright images; the untrained G draws images near 0
+    start = discriminator_separation(gan, reals, None, num_samples=32)
+    refit, losses = refit_discriminator(gan, reals, steps=40, batch_size=16, lr=2e-3, seed=0)
+    assert len(losses) == 40 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the hinge loss starts near 2
+    out = discriminator_separation(gan, reals, None, num_samples=32, discriminator=refit)
+    assert out["auroc_train"] == pytest.approx(1.0) and out["d_real_train"] > out["d_fake"] + 1.0
+    assert out["d_real_train"] - out["d_fake"] > start["d_real_train"] - start["d_fake"]
+    assert not refit.training and refit is not gan.discriminator
+    after = gan.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the GAN's own D is untouched
+    with pytest.raises(ValueError, match="steps=0"):
+        refit_discriminator(gan, reals, steps=0)
+    with pytest.raises(ValueError, match="fewer than batch_size=128"):
+        refit_discriminator(gan, reals, steps=1, batch_size=128)
