@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -165,3 +166,27 @@ def test_nearest_upsampling_generator_has_no_transposed_stage_but_the_first() ->
     assert x.shape == (2, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
     with pytest.raises(ValueError, match=r"model\.generator\.upsample='bilinear' is not allowed"):
         DCGANGenerator(upsample="bilinear")
+
+
+def test_periodic_grids_fire_on_multiples_the_n_critic_step_jumps_over(tmp_path: Path) -> None:
+    from atelier.callbacks.samples import SampleGrid
+
+    # n_critic = 2: the global step goes 1, 3, 4, 6, 7, 9, 10, 12 (a D-only batch adds 1, a D + G batch adds 2),
+    # so a `step % 5 == 0` test would fire at 10 only; every multiple of 5 crossed must give one grid
+    model = _gan(n_critic=2, loss="wgan_gp", d_norm="none")
+    grid = SampleGrid(str(tmp_path / "samples"), every_n_steps=5, num_samples=4, on_train_end=False)
+    trainer = _fit(model, batches=8, callbacks=[grid])
+    assert trainer.global_step == 12
+    names = sorted(p.name for p in (tmp_path / "samples").glob("step_*.png"))
+    assert names == ["step_0000006.png", "step_0000010.png"], names
+
+
+def test_every_n_steps_fires_once_per_multiple_reached_or_passed() -> None:
+    from atelier.callbacks.every_n import EveryNSteps
+
+    every = EveryNSteps(5)
+    fired = [s for s in (1, 3, 4, 6, 7, 9, 10, 10, 12, 14, 15, 16) if every.fire(s)]
+    assert fired == [6, 10, 15]  # 10 seen twice (gradient accumulation) fires once
+    resumed = EveryNSteps(5)
+    assert not resumed.fire(11) and resumed.fire(15)  # resumed at 10: the first call does not look back further
+    assert not any(EveryNSteps(0).fire(s) for s in range(1, 20))

@@ -19,6 +19,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
+from atelier.callbacks.every_n import EveryNSteps
 from atelier.metrics.evaluator import Evaluator
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class FIDCallback(Callback):
         self.sample_kwargs = dict(sample_kwargs or {})
         self.evaluator: Evaluator | None = None
         self.history: list[dict[str, Any]] = []
-        self._last_step = -1
+        self._every = EveryNSteps(every_n_steps)
 
     def _evaluator(self, trainer: Trainer, pl_module: LightningModule) -> Evaluator:
         if self.evaluator is None:
@@ -80,8 +81,7 @@ class FIDCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
+        if self._every.fire(step):
             self._measure_and_log(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from atelier.callbacks.every_n import EveryNSteps
 from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.loop import autocast_kwargs
 
@@ -83,7 +84,7 @@ class SampleGrid(Callback):
         self.sample_kwargs = dict(sample_kwargs or {})
         self.final = on_train_end
         self.autocast = autocast
-        self._last_step = -1
+        self._every = EveryNSteps(every_n_steps)
         self.paths: list[Path] = []
         self._reference: torch.Tensor | None = None
         self._told_no_grid = False
@@ -105,8 +106,7 @@ class SampleGrid(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step
+        if self._every.fire(step):
             self.draw(trainer, pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
