@@ -54,13 +54,18 @@ class FIDCallback(Callback):
             raise ValueError("callbacks.fid: set every_n_epochs ≥ 1 or every_n_steps ≥ 1")
         self.feature_extractor = feature_extractor
         self.metric_names = list(metrics)
-        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.every_n_epochs = every_n_epochs
         self.num_samples, self.reference_split, self.reference_size = num_samples, reference_split, reference_size
         self.cache_dir, self.kid_subset_size, self.batch_size, self.seed = cache_dir, kid_subset_size, batch_size, seed
         self.sample_kwargs = dict(sample_kwargs or {})
         self.evaluator: Evaluator | None = None
         self.history: list[dict[str, Any]] = []
         self._every = EveryNSteps(every_n_steps)
+
+    @property
+    def every_n_steps(self) -> int:
+        """The interval in optimiser steps (``<= 0``: off); held by the :class:`EveryNSteps` that decides."""
+        return self._every.n
 
     def _evaluator(self, trainer: Trainer, pl_module: LightningModule) -> Evaluator:
         if self.evaluator is None:

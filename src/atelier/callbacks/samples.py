@@ -78,7 +78,6 @@ class SampleGrid(Callback):
         autocast: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
         self.sample_kwargs = dict(sample_kwargs or {})
@@ -88,6 +87,11 @@ class SampleGrid(Callback):
         self.paths: list[Path] = []
         self._reference: torch.Tensor | None = None
         self._told_no_grid = False
+
+    @property
+    def every_n_steps(self) -> int:
+        """The interval in optimiser steps (``<= 0``: off); held by the :class:`EveryNSteps` that decides."""
+        return self._every.n
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
