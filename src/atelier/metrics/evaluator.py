@@ -110,7 +110,8 @@ class Evaluator:
             reference_size=self.reference_size, num_samples=self.num_samples, kid_subset_size=kid_size,
             kid_subsets=self.kid_subsets, is_splits=self.is_splits, prc_k=self.prc_k, prc_num_real=prc_n,
             prc_num_fake=prc_n, seed=self.seed, sample_image_size=self.sample_image_size,
-            sampling={k: v for k, v in (sampling or {}).items() if k != "labels"},
+            sampling={k: type(v).__name__ if isinstance(v, torch.nn.Module) else v
+                      for k, v in (sampling or {}).items() if k != "labels"},
         )
 
     def reference(self) -> ReferenceStats:

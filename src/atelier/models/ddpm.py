@@ -17,7 +17,7 @@ from torch import nn
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
 from atelier.sampling.edm import EDM_SAMPLERS, EDMConfig, denoiser, edm_loss, heun_sample, make_edm_scheduler
-from atelier.sampling.guidance import drop_labels, guided_prediction, rows_per_class
+from atelier.sampling.guidance import autoguided_prediction, drop_labels, guided_prediction, rows_per_class
 from atelier.sampling.loop import autocast_context, reverse_diffusion, sampling_autocast_dtype
 from atelier.sampling.schedulers import SAMPLERS, make_scheduler
 
@@ -270,6 +270,8 @@ class DDPM(LightningModule):
         labels: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         autocast: bool = False,
+        guide: nn.Module | None = None,
+        autoguidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """Draw ``n`` images by reverse diffusion, with classifier-free guidance for conditional models.
 
@@ -293,14 +295,22 @@ class DDPM(LightningModule):
                 ``hparams.guidance_scale``. With ``w ∉ {0, 1}`` each step evaluates the network on ``2B`` images.
             autocast: run the network under bf16 autocast where that pays (a CPU with bf16 matrix units, a GPU with
                 bf16; :func:`atelier.sampling.loop.sampling_autocast_dtype`); default fp32.
+            guide: a weaker network of the same architecture for autoguidance (Karras et al. 2024), e.g. the EMA
+                network of an earlier checkpoint of the same run (``guide_ckpt_path``:
+                :func:`atelier.tasks.sample.guide_kwargs`); it runs in eval mode and doubles the network calls.
+            autoguidance_scale: autoguidance weight ``w`` (1: the main network alone). Applied on top of
+                classifier-free guidance for conditional models.
 
         Returns:
             ``(n, C, H, W)`` float32 tensor in ``[-1, 1]`` on this module's device.
 
         Raises:
             ValueError: for an unknown sampler (the message lists the allowed names), ``labels`` or a guidance
-                scale other than 1 for an unconditional model, or labels of the wrong length or range.
+                scale other than 1 for an unconditional model, or labels of the wrong length or range, or an
+                ``autoguidance_scale`` other than 1 without a ``guide``.
         """
+        if autoguidance_scale != 1.0 and guide is None:
+            raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide network (guide_ckpt_path=...)")
         sampler = sampler or self.hparams.sampler
         w = float(self.hparams.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
         labels = self._sampling_labels(n, labels, w)
@@ -312,6 +322,9 @@ class DDPM(LightningModule):
         net = self.ema.module if use_ema else self.net
         was_training = net.training
         net.eval()
+        guide_was_training = guide is not None and guide.training
+        if guide is not None:
+            guide.eval()
         dtype = sampling_autocast_dtype(self.device) if autocast else None
         out = []
         try:
@@ -320,11 +333,17 @@ class DDPM(LightningModule):
                 noise = randn_tensor((b, *self.image_shape), generator=generator, device=self.device)
                 y = None if labels is None else labels[start:start + b]
 
-                def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = y) -> torch.Tensor:
+                def predict(net_: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                            y: torch.Tensor | None = y) -> torch.Tensor:
                     if y is None:
-                        return self.predict(net, x, t)
-                    return guided_prediction(lambda x_, t_, y_: self.predict(net, x_, t_, y_), x, t, y,
+                        return self.predict(net_, x, t)
+                    return guided_prediction(lambda x_, t_, y_: self.predict(net_, x_, t_, y_), x, t, y,
                                              self.num_classes, w)
+
+                def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    if guide is None:
+                        return predict(net, x, t)
+                    return autoguided_prediction(predict, net, guide, x, t, autoguidance_scale)
 
                 if sampler == "edm_heun":
                     scheduler.set_timesteps(steps)
@@ -336,6 +355,8 @@ class DDPM(LightningModule):
                 out.append(x.clamp(-1, 1).float())
         finally:
             net.train(was_training)
+            if guide is not None:
+                guide.train(guide_was_training)
         return torch.cat(out)
 
     def _sampling_labels(self, n: int, labels: torch.Tensor | None, guidance_scale: float) -> torch.Tensor | None:

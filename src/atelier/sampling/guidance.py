@@ -9,6 +9,14 @@ guidance scale ``w`` of diffusers / Imagen rather than the paper's ``1 + w``)::
 
 ``w = 0`` is the unconditional model, ``w = 1`` the plain conditional one, ``w > 1`` trades diversity for
 fidelity to the class. The combination is linear, so it applies unchanged to ε-, v- and x0-predictions.
+
+*Autoguidance* (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 2) applies the
+same extrapolation with a weaker *guide* network in place of the unconditional prediction, so it works for
+unconditional models too::
+
+    D̂ = D_guide + w · (D_main − D_guide)
+
+where the guide is the same model trained for less long (here: an earlier checkpoint's EMA network).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 
 def apply_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -64,6 +73,34 @@ def guided_prediction(
     both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, labels]))
     uncond, cond = both.chunk(2)
     return apply_guidance(uncond, cond, guidance_scale)
+
+
+def autoguided_prediction(
+    predict: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    main: nn.Module,
+    guide: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    autoguidance_scale: float,
+) -> torch.Tensor:
+    """Autoguided prediction ``D_guide + w · (D_main − D_guide)`` at ``(x, t)`` (Karras et al. 2024, Eq. 2).
+
+    Two network calls per step (the main network and the guide), each on ``B`` images; ``w = 1`` skips the guide.
+
+    Args:
+        predict: ``predict(net, x, t)`` → ``(B, C, H, W)``, the prediction of ``net`` in the model's
+            parameterization (ε, v or x0; the combination is linear, so any of them works), with any
+            classifier-free guidance already applied.
+        main: the network being sampled.
+        guide: the weaker network of the same architecture and parameterization (e.g. an earlier checkpoint's EMA).
+        x: ``(B, C, H, W)`` noisy images.
+        t: ``(B,)`` timesteps.
+        autoguidance_scale: ``w`` (1: the main network alone; > 1 extrapolates away from the guide).
+    """
+    pred = predict(main, x, t)
+    if autoguidance_scale == 1.0:
+        return pred
+    return apply_guidance(predict(guide, x, t), pred, autoguidance_scale)
 
 
 def drop_labels(labels: torch.Tensor, null_label: int, drop_prob: float,

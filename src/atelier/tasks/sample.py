@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -67,6 +68,36 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu",
     return model
 
 
+def guide_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
+    """``{"guide": net, "autoguidance_scale": w}`` for autoguidance (Karras et al. 2024) when ``cfg.guide_ckpt_path``
+    is set, else ``{}``. The guide is the EMA network of that checkpoint (typically an earlier checkpoint of the same
+    run), on ``model``'s device.
+
+    Raises:
+        ValueError: when ``autoguidance_scale`` is set without ``guide_ckpt_path``, when ``model.sample`` takes no
+            ``guide`` (only DDPMs do), or the guide's model class or network config differs from ``model``'s
+            (autoguidance needs the same architecture and parameterization).
+        FileNotFoundError: when ``guide_ckpt_path`` does not exist.
+    """
+    path, scale = cfg.get("guide_ckpt_path"), cfg.get("autoguidance_scale")
+    if path is None:
+        if scale is not None and float(scale) != 1.0:
+            raise ValueError(f"autoguidance_scale={scale} needs guide_ckpt_path=<an earlier checkpoint of the run>")
+        return {}
+    if "guide" not in inspect.signature(model.sample).parameters:
+        raise ValueError(f"guide_ckpt_path is set, but {type(model).__name__}.sample takes no guide network; "
+                         "autoguidance is for DDPM checkpoints")
+    guide = load_module(path)
+    same_net = getattr(getattr(guide, "net", None), "config", None) == getattr(getattr(model, "net", None), "config",
+                                                                               None)
+    same_hparams = {k: guide.hparams.get(k) for k in ("parameterization", "prediction_type", "num_classes")} == \
+        {k: model.hparams.get(k) for k in ("parameterization", "prediction_type", "num_classes")}
+    if type(guide) is not type(model) or not same_net or not same_hparams:
+        raise ValueError(f"guide_ckpt_path={path} holds a different model ({type(guide).__name__}, network or "
+                         f"parameterization) than ckpt_path; autoguidance needs a checkpoint of the same model")
+    return {"guide": guide.ema.module.to(model.device), "autoguidance_scale": 2.0 if scale is None else float(scale)}
+
+
 def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
     """``(num_samples,)`` int64 labels from ``class_labels`` (a list: ``ceil(num_samples / len)`` consecutive
     images per listed class, one grid row each) or ``class_label`` (one class for every image); ``None`` if
@@ -99,6 +130,7 @@ def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     options["labels"] = requested_labels(cfg)
     kwargs = accepted_kwargs(model, options)
     kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
+    kwargs.update(guide_kwargs(model, cfg))
     return kwargs
 
 
@@ -133,7 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for i, image in enumerate(images):
             save_grid(image[None], folder / f"{i:05d}.png", nrow=1)
     info = {"ckpt_path": str(cfg.ckpt_path), "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
-            "sample_kwargs": {k: v for k, v in kwargs.items() if k != "labels"},
+            "sample_kwargs": {k: v for k, v in kwargs.items() if k not in ("labels", "guide")},
+            "guide_ckpt_path": cfg.get("guide_ckpt_path"),
             "class_label": cfg.get("class_label"),
             "labels": kwargs["labels"].tolist() if "labels" in kwargs else None, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),
