@@ -15,8 +15,6 @@ balanced labels (``i % num_classes``). Writes ``autoguidance_sweep.csv``, ``.jso
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from fid_vs_nfe import extractor_args, make_evaluator
+from fid_vs_nfe import extractor_args, make_evaluator, write_table
 from omegaconf import OmegaConf
 
 from atelier.sampling.loop import autocast_kwargs
@@ -64,13 +62,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], args: argparse.Namespace) -> None:
     """``autoguidance_sweep.csv``, ``.json`` and ``.png`` (FID against w, one line per guide) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "autoguidance_sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "autoguidance_sweep.json").write_text(json.dumps(
-        {"ckpt": str(args.ckpt), "rows": rows, "protocol": protocol}, indent=2))
+    write_table(out, "autoguidance_sweep", rows, COLUMNS, {"ckpt": str(args.ckpt), "protocol": protocol})
     unguided = [r for r in rows if r["guide"] is None]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for guide in dict.fromkeys(r["guide"] for r in rows if r["guide"] is not None):

@@ -119,14 +119,20 @@ def parse_rows(args: argparse.Namespace) -> list[tuple[str, int]]:
     return pairs
 
 
-def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], ckpt: str) -> None:
-    """``fid_vs_nfe.csv``, ``.json`` and ``.png`` (FID against NFE, one line per sampler) in ``out``."""
+def write_table(out: Path, stem: str, rows: list[dict[str, Any]], columns: list[str], record: dict[str, Any]) -> None:
+    """``<stem>.csv`` (``columns`` of ``rows``) and ``<stem>.json`` (``record`` with the full ``rows``) in ``out``;
+    shared by the sweep scripts."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "fid_vs_nfe.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "fid_vs_nfe.json").write_text(json.dumps({"ckpt": ckpt, "rows": rows, "protocol": protocol}, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({**record, "rows": rows}, indent=2))
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], ckpt: str) -> None:
+    """``fid_vs_nfe.csv``, ``.json`` and ``.png`` (FID against NFE, one line per sampler) in ``out``."""
+    write_table(out, "fid_vs_nfe", rows, COLUMNS, {"ckpt": ckpt, "protocol": protocol})
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
         mine = sorted((r for r in rows if r["sampler"] == sampler and r.get("fid") is not None),

@@ -15,8 +15,6 @@ adds an unconditional checkpoint's row under the same protocol, the reference fo
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from fid_vs_nfe import extractor_args, make_evaluator
+from fid_vs_nfe import extractor_args, make_evaluator, write_table
 
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row
@@ -63,13 +61,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], args: argparse.Namespace) -> None:
     """``guidance_sweep.csv``, ``.json`` and ``.png`` (FID and conditional accuracy against the scale) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "guidance_sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "guidance_sweep.json").write_text(json.dumps(
-        {"ckpt": str(args.ckpt), "baseline": args.baseline, "rows": rows, "protocol": protocol}, indent=2))
+    write_table(out, "guidance_sweep", rows, COLUMNS,
+                {"ckpt": str(args.ckpt), "baseline": args.baseline, "protocol": protocol})
     cond = [r for r in rows if r["guidance_scale"] is not None]
     scales = [r["guidance_scale"] for r in cond]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)

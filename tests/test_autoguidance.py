@@ -20,7 +20,7 @@ from torch import nn
 
 from atelier.sampling.guidance import autoguided_prediction
 from atelier.tasks import evaluate, sample, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_cfg
 from tests.test_ddpm import tiny_ddpm
 from tests.test_evaluate import TINY_RUN, classifier_ckpt, eval_cfg  # noqa: F401  (classifier_ckpt: a fixture)
 
@@ -146,3 +146,44 @@ def test_autoguidance_sweep_script_writes_table_csv_and_plot(
     assert float(rows[1]["fid"]) == pytest.approx(float(rows[0]["fid"]), rel=1e-3)
     record = json.loads((out / "autoguidance_sweep.json").read_text())
     assert record["protocol"]["num_samples"] == 20 and (out / "autoguidance_sweep.png").stat().st_size > 1000
+
+
+def test_the_recipe_picks_its_own_guide_by_fraction_of_the_run(
+        train_cfg: Callable[..., DictConfig], tmp_path: Path, classifier_ckpt: Path) -> None:  # noqa: F811
+    train.run(train_cfg("trainer.max_steps=4", "trainer.limit_val_batches=1", "export_pipeline=false",
+                        "callbacks.sample_grid=null", "callbacks.model_checkpoint.every_n_train_steps=1",
+                        "sampling={autoguidance:{guide_fraction:0.5,scale:1.5}}"))
+    folder = tmp_path / "checkpoints"
+    last = folder / "last.ckpt"
+    assert sample.recipe_guide(last) == (str(folder / "step_0000002.ckpt"), 1.5)  # 0.5 x global step 4
+    assert sample.guide_choice(_cfg(ckpt_path=str(last))) == (str(folder / "step_0000002.ckpt"), 1.5)
+    assert sample.guide_choice(_cfg(ckpt_path=str(last), autoguidance_scale=3)) == (
+        str(folder / "step_0000002.ckpt"), 3.0)
+    assert sample.guide_choice(_cfg(ckpt_path=str(last), autoguidance_scale=1)) == (None, None)
+    # never a later checkpoint, nor the sampled one itself: from step 2 (target 1) only step 1 qualifies
+    assert sample.recipe_guide(folder / "step_0000002.ckpt") == (str(folder / "step_0000001.ckpt"), 1.5)
+    explicit = str(folder / "step_0000001.ckpt")
+    assert sample.guide_choice(_cfg(ckpt_path=str(last), guide_ckpt_path=explicit)) == (explicit, 2.0)
+
+    result = evaluate.run(eval_cfg(last, tmp_path, classifier_ckpt, "num_inference_steps=2", "metrics=[fid]"))
+    sampling = result["protocol"]["sampling"]
+    assert sampling["guide"] == str(folder / "step_0000002.ckpt") and sampling["autoguidance_scale"] == 1.5
+
+    for step in folder.glob("step_*.ckpt"):
+        step.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no step_\*\.ckpt earlier than its step 4 lies in .*scale=1"):
+        sample.guide_choice(_cfg(ckpt_path=str(last)))
+
+
+def test_a_run_without_the_recipe_key_samples_unguided_and_the_quick_recipe_has_it(
+        train_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    train.run(train_cfg(*TINY_RUN, "callbacks.sample_grid=null"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert sample.recipe_guide(last) is None
+    assert sample.guide_choice(_cfg(ckpt_path=str(last))) == (None, None)
+    with pytest.raises(ValueError, match="autoguidance_scale=2 needs guide_ckpt_path"):
+        sample.guide_choice(_cfg(ckpt_path=str(last), autoguidance_scale=2))
+    quick = compose_cfg("train", ["experiment=ddpm_mnist_cpu"])
+    assert quick.sampling.autoguidance.guide_fraction == pytest.approx(0.18)
+    for derived in ("ddpm_cond_mnist_cpu", "ddpm_edm_mnist_cpu"):  # not measured there: no default guide
+        assert compose_cfg("train", [f"experiment={derived}"]).sampling is None

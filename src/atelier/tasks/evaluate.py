@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.loop import autocast_kwargs
-from atelier.tasks.sample import guide_kwargs, load_module, stored_config
+from atelier.tasks.sample import guide_choice, guide_kwargs, load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
@@ -108,8 +108,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sample_kwargs["labels"] = torch.arange(int(cfg.num_samples)) % classes
     try:
         result = evaluator.evaluate(model, sample_kwargs)
-        if cfg.get("guide_ckpt_path") is not None:
-            result["protocol"]["sampling"]["guide"] = str(cfg.guide_ckpt_path)
+        if "guide" in sample_kwargs:
+            result["protocol"]["sampling"]["guide"] = guide_choice(cfg)[0]
         result.update(ckpt_path=str(cfg.ckpt_path), model=type(model).__name__, params=sampling_params(model),
                       run_info=run_info(int(cfg.seed)))
         row = {"model": result["model"], "params": result["params"], **result_row(result)}

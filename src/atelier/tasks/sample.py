@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -68,25 +69,76 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu",
     return model
 
 
-def guide_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
-    """``{"guide": net, "autoguidance_scale": w}`` for autoguidance (Karras et al. 2024) when ``cfg.guide_ckpt_path``
-    is set, else ``{}``. The guide is the EMA network of that checkpoint (typically an earlier checkpoint of the same
-    run), on ``model``'s device.
+def recipe_guide(ckpt_path: str | Path) -> tuple[str, float] | None:
+    """The guide checkpoint and weight that the run's recipe asks for, or ``None`` when it asks for none.
+
+    A recipe opts in with ``sampling.autoguidance: {guide_fraction: f, scale: w}`` in its training config (stored in
+    every checkpoint): the guide is the run's own earlier ``step_*.ckpt`` beside ``ckpt_path`` whose step is nearest to
+    ``f ×`` the main checkpoint's global step (a fraction, so that a faster machine, which trains more steps in the
+    same budget, picks a later step).
 
     Raises:
-        ValueError: when ``autoguidance_scale`` is set without ``guide_ckpt_path``, when ``model.sample`` takes no
-            ``guide`` (only DDPMs do), or the guide's model class or network config differs from ``model``'s
-            (autoguidance needs the same architecture and parameterization).
-        FileNotFoundError: when ``guide_ckpt_path`` does not exist.
+        FileNotFoundError: when the recipe asks for a guide but no earlier ``step_*.ckpt`` lies beside ``ckpt_path``.
+    """
+    path = Path(ckpt_path).expanduser()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    wanted = (checkpoint.get(CONFIG_KEY, {}).get("sampling") or {}).get("autoguidance")
+    if not wanted:
+        return None
+    main_step = int(checkpoint.get("global_step", 0))
+    target = float(wanted["guide_fraction"]) * main_step
+    candidates = {int(m.group(1)): p for p in path.parent.glob("step_*.ckpt")
+                  if (m := re.fullmatch(r"step_(\d+)\.ckpt", p.name)) and int(m.group(1)) < main_step}
+    if not candidates:
+        raise FileNotFoundError(
+            f"the recipe of {path} samples with autoguidance by its own checkpoint near step {target:.0f}, but no "
+            f"step_*.ckpt earlier than its step {main_step} lies in {path.parent}: pass guide_ckpt_path=<an "
+            "earlier checkpoint of the run>, or autoguidance_scale=1 to sample without a guide")
+    step = min(candidates, key=lambda s: (abs(s - target), s))
+    return str(candidates[step]), float(wanted.get("scale", 2.0))
+
+
+def guide_choice(cfg: DictConfig) -> tuple[str | None, float | None]:
+    """``(guide checkpoint, autoguidance weight)`` for a sample/evaluate config: an explicit ``guide_ckpt_path``
+    wins; ``autoguidance_scale=1`` without one turns guidance off; otherwise the recipe's own choice
+    (:func:`recipe_guide`), if any. ``(None, None)``: no autoguidance.
+
+    Raises:
+        ValueError: when ``autoguidance_scale`` (≠ 1) is set, no guide is given and the recipe names none.
     """
     path, scale = cfg.get("guide_ckpt_path"), cfg.get("autoguidance_scale")
-    if path is None:
-        if scale is not None and float(scale) != 1.0:
+    if path is not None:
+        return str(path), 2.0 if scale is None else float(scale)
+    if scale is not None and float(scale) == 1.0:
+        return None, None
+    recipe = recipe_guide(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if recipe is None:
+        if scale is not None:
             raise ValueError(f"autoguidance_scale={scale} needs guide_ckpt_path=<an earlier checkpoint of the run>")
+        return None, None
+    return recipe[0], recipe[1] if scale is None else float(scale)
+
+
+def guide_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
+    """``{"guide": net, "autoguidance_scale": w}`` for autoguidance (Karras et al. 2024) when :func:`guide_choice`
+    picks a guide (``guide_ckpt_path``, or the recipe's own), else ``{}``. The guide is the EMA network of that
+    checkpoint (typically an earlier checkpoint of the same run), on ``model``'s device.
+
+    Raises:
+        ValueError: see :func:`guide_choice`; also when ``model.sample`` takes no ``guide`` (only DDPMs do), or the
+            guide's model class or network config differs from ``model``'s (autoguidance needs the same
+            architecture and parameterization).
+        FileNotFoundError: when the guide checkpoint does not exist.
+    """
+    path, scale = guide_choice(cfg)
+    if path is None:
         return {}
     if "guide" not in inspect.signature(model.sample).parameters:
         raise ValueError(f"guide_ckpt_path is set, but {type(model).__name__}.sample takes no guide network; "
                          "autoguidance is for DDPM checkpoints")
+    if cfg.get("guide_ckpt_path") is None:
+        log.info("autoguidance as the run's recipe asks: guide %s, w = %s (autoguidance_scale=1 turns it off)",
+                 path, scale)
     guide = load_module(path)
     same_net = getattr(getattr(guide, "net", None), "config", None) == getattr(getattr(model, "net", None), "config",
                                                                                None)
@@ -95,7 +147,7 @@ def guide_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     if type(guide) is not type(model) or not same_net or not same_hparams:
         raise ValueError(f"guide_ckpt_path={path} holds a different model ({type(guide).__name__}, network or "
                          f"parameterization) than ckpt_path; autoguidance needs a checkpoint of the same model")
-    return {"guide": guide.ema.module.to(model.device), "autoguidance_scale": 2.0 if scale is None else float(scale)}
+    return {"guide": guide.ema.module.to(model.device), "autoguidance_scale": scale}
 
 
 def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
@@ -166,7 +218,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             save_grid(image[None], folder / f"{i:05d}.png", nrow=1)
     info = {"ckpt_path": str(cfg.ckpt_path), "num_samples": int(cfg.num_samples), "seed": int(cfg.seed),
             "sample_kwargs": {k: v for k, v in kwargs.items() if k not in ("labels", "guide")},
-            "guide_ckpt_path": cfg.get("guide_ckpt_path"),
+            "guide_ckpt_path": guide_choice(cfg)[0] if "guide" in kwargs else None,
             "class_label": cfg.get("class_label"),
             "labels": kwargs["labels"].tolist() if "labels" in kwargs else None, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),

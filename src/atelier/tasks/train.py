@@ -65,6 +65,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         callbacks = instantiate_group(cfg.get("callbacks"))
         stored = {"model": OmegaConf.to_container(cfg.model, resolve=True),
                   "data": OmegaConf.to_container(cfg.data, resolve=True)}
+        if cfg.get("sampling") is not None:  # sampling defaults of the recipe, read by sample.py / evaluate.py
+            stored["sampling"] = OmegaConf.to_container(cfg.sampling, resolve=True)
         callbacks.append(CheckpointExtras(stored))
         preemption = Preemption(cfg.get("preemption_signal"))
         callbacks.append(preemption)
