@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from fid_vs_nfe import extractor_args, make_evaluator, write_table
+from fid_vs_nfe import extractor_args, make_evaluator, resolve_sampler, sampler_args, write_table
 from omegaconf import OmegaConf
 
 from atelier.sampling.loop import autocast_kwargs
@@ -36,8 +36,7 @@ COLUMNS = ["guide", "autoguidance_scale", "fid", "kid", "precision", "recall", "
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Evaluate ``w = 1`` once and every other scale of ``args.scales`` with every guide; returns the table rows."""
     model = load_module(args.ckpt).to(args.device)
-    args.sampler = args.sampler or model.hparams.sampler
-    args.steps = args.steps or model.hparams.num_inference_steps
+    resolve_sampler(args, model)
     evaluator = make_evaluator(args, args.ckpt)
     options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps,
                                **autocast_kwargs(model, args.autocast)}
@@ -83,10 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("ckpt", help="a DDPM checkpoint (the main model)")
     parser.add_argument("--guides", required=True, help="comma-separated guide checkpoints of the same model")
     parser.add_argument("--scales", default="1,1.5,2,2.5", help="comma-separated autoguidance weights w")
-    parser.add_argument("--sampler", default=None,
-                        help="a name of atelier.sampling.schedulers.SAMPLERS (default: the model's own)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="sampler steps (two network calls each with a guide; default: the model's own)")
+    sampler_args(parser, "sampler steps (two network calls each with a guide)")
     parser.add_argument("--out", default="outputs/autoguidance_sweep", help="folder for the CSV, JSON and PNG")
     extractor_args(parser)
     args = parser.parse_args(argv)

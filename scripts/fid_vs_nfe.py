@@ -76,6 +76,21 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
                              "as sample.py / evaluate.py autocast=true; --no-autocast: fp32")
 
 
+def sampler_args(parser: argparse.ArgumentParser, steps_help: str) -> None:
+    """``--sampler`` and ``--steps`` of the sweep scripts (both default to the model's own, see
+    :func:`resolve_sampler`)."""
+    parser.add_argument("--sampler", default=None,
+                        help="a name of atelier.sampling.schedulers.SAMPLERS (default: the model's own)")
+    parser.add_argument("--steps", type=int, default=None, help=f"{steps_help}; default: the model's own")
+
+
+def resolve_sampler(args: argparse.Namespace, model: Any) -> None:
+    """Fill ``args.sampler`` / ``args.steps`` from ``model.hparams`` where not given, so they are recorded resolved
+    (the quick recipes sample with ``dpmpp_sde``)."""
+    args.sampler = args.sampler or model.hparams.sampler
+    args.steps = args.steps or model.hparams.num_inference_steps
+
+
 def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
     extractor: dict[str, object] = {"name": args.feature_extractor}
     if args.feature_extractor == "inception":

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from fid_vs_nfe import extractor_args, make_evaluator, write_table
+from fid_vs_nfe import extractor_args, make_evaluator, resolve_sampler, sampler_args, write_table
 
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row
@@ -37,9 +37,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = load_module(args.ckpt).to(args.device)
     if getattr(model, "num_classes", None) is None:
         raise SystemExit(f"{args.ckpt} is not a class-conditional model (model.num_classes is null)")
-    # the model's own sampler and steps unless given (the quick recipes sample with dpmpp_sde); recorded resolved
-    args.sampler = args.sampler or model.hparams.sampler
-    args.steps = args.steps or model.hparams.num_inference_steps
+    resolve_sampler(args, model)
     evaluator = make_evaluator(args, args.ckpt)
     labels = torch.arange(args.num_samples) % model.num_classes
     options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps,
@@ -87,10 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="a class-conditional DDPM checkpoint")
     parser.add_argument("--scales", default="0,1,2,3,5", help="comma-separated guidance scales w")
-    parser.add_argument("--sampler", default=None,
-                        help="a name of atelier.sampling.schedulers.SAMPLERS (default: the model's own)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="sampler steps (NFE per image, ×2 with guidance; default: the model's own)")
+    sampler_args(parser, "sampler steps (NFE per image, ×2 with guidance)")
     parser.add_argument("--baseline", default=None,
                         help="an unconditional checkpoint evaluated under the same protocol")
     parser.add_argument("--out", default="outputs/guidance_sweep", help="folder for the CSV, JSON and PNG")
