@@ -10,7 +10,8 @@ one seed (issue 14 asks for ≥ 5,000 samples per row, or 2,000 with the spread 
 ``fid_vs_nfe.json`` and ``autoguidance_sweep.json`` files that those scripts write (any number, from any machine),
 checks that they describe one checkpoint under one protocol (only ``seed`` and ``sampling`` may differ; otherwise it
 exits naming the differing keys), and groups their rows by (sampler, NFE): an autoguided row is labelled
-``<sampler> + AG(<guide>, w=<w>)`` and counts two network evaluations per step. A row seen twice for the same seed
+``<sampler> + AG(<guide>, w=<w>[, σ∈(lo, hi]])`` at the NFE its table gives (two network evaluations per guided
+step; tables without an NFE column: twice the steps). A row seen twice for the same seed
 (e.g. the sweep's ``w = 1`` row and the front's row of that sampler) must agree in FID, else it exits: the scripts
 are deterministic given the seed. Per row it writes the number of seeds, mean and sample standard deviation
 (``ddof = 1``) of FID and KID over seeds, mean precision / recall, the per-seed FIDs and, with ``--reference``, the
@@ -56,8 +57,10 @@ def _label_rows(record: dict[str, Any], path: Path) -> list[dict[str, Any]]:
             if r["guide"] is None or float(r["autoguidance_scale"]) == 1.0:
                 out.append({**r, "label": sampler, "NFE": nfe})
             else:
-                label = f"{sampler} + AG({Path(r['guide']).stem}, w={float(r['autoguidance_scale']):g})"
-                out.append({**r, "label": label, "NFE": 2 * nfe})
+                interval = r.get("guidance_interval")
+                where = "" if interval is None else f", σ∈({interval[0]:g}, {interval[1]:g}]"
+                label = f"{sampler} + AG({Path(r['guide']).stem}, w={float(r['autoguidance_scale']):g}{where})"
+                out.append({**r, "label": label, "NFE": r.get("NFE") or 2 * nfe})
         return out
     raise SystemExit(f"{path}: neither a fid_vs_nfe.json nor an autoguidance_sweep.json (rows: {rows[:1]})")
 

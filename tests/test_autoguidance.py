@@ -134,17 +134,20 @@ def test_autoguidance_sweep_script_writes_table_csv_and_plot(
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "scripts" / "autoguidance_sweep.py"), str(ckpt), "--guides", str(ckpt),
-           "--scales", "1,2", "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",
+           "--scales", "1,2", "--intervals", "none,1e9:2e9", "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",
            "--metrics", "fid", "--classifier-ckpt", str(classifier_ckpt), "--cache-dir", str(tmp_path / "cache"),
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader((out / "autoguidance_sweep.csv").read_text().splitlines()))
-    assert [(r["guide"], r["autoguidance_scale"]) for r in rows] == [("", "1.0"), (str(ckpt), "2.0")]
+    assert [(r["guide"], r["autoguidance_scale"], r["NFE"]) for r in rows] == [
+        ("", "1.0", "2"), (str(ckpt), "2.0", "4"), (str(ckpt), "2.0", "2")]  # the last: no step in its interval
     # the guide is the model itself here, so w = 2 gives the unguided images again (D + 2 (D - D) = D)
     assert float(rows[1]["fid"]) == pytest.approx(float(rows[0]["fid"]), rel=1e-3)
+    assert float(rows[2]["fid"]) == pytest.approx(float(rows[0]["fid"]), rel=1e-3)
     record = json.loads((out / "autoguidance_sweep.json").read_text())
+    assert [r["guidance_interval"] for r in record["rows"]] == [None, None, [1e9, 2e9]]
     assert record["protocol"]["num_samples"] == 20 and (out / "autoguidance_sweep.png").stat().st_size > 1000
 
 

@@ -14,12 +14,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from lightning import LightningModule
 from torch import nn
 
+from atelier.models.ddpm_sampling import draw
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_config
-from atelier.sampling.edm import EDM_SAMPLERS, EDMConfig, denoiser, edm_loss, heun_sample, make_edm_scheduler
-from atelier.sampling.guidance import autoguided_prediction, drop_labels, guided_prediction, rows_per_class
-from atelier.sampling.loop import autocast_context, reverse_diffusion, sampling_autocast_dtype
-from atelier.sampling.schedulers import SAMPLERS, make_scheduler
+from atelier.sampling.edm import EDM_SAMPLERS, EDMConfig, edm_loss
+from atelier.sampling.guidance import drop_labels
+from atelier.sampling.schedulers import SAMPLERS
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -272,6 +272,7 @@ class DDPM(LightningModule):
         autocast: bool = False,
         guide: nn.Module | None = None,
         autoguidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Draw ``n`` images by reverse diffusion, with classifier-free guidance for conditional models.
 
@@ -300,79 +301,23 @@ class DDPM(LightningModule):
                 :func:`atelier.tasks.sample.guide_kwargs`); it runs in eval mode and doubles the network calls.
             autoguidance_scale: autoguidance weight ``w`` (1: the main network alone). Applied on top of
                 classifier-free guidance for conditional models.
+            guidance_interval: ``(σ_lo, σ_hi)``: apply both guidances only at steps whose noise level σ lies in
+                ``(σ_lo, σ_hi]`` and sample with the plain (conditional / main) network elsewhere, which also skips
+                the guide's and the unconditional pass there (Kynkäänniemi et al. 2024, "Applying Guidance in a
+                Limited Interval", arXiv:2404.07724; σ = √((1 − ᾱ_t) / ᾱ_t) for the VP schedules, EDM's σ
+                itself). ``None`` (default): guide at every step.
 
         Returns:
             ``(n, C, H, W)`` float32 tensor in ``[-1, 1]`` on this module's device.
 
         Raises:
             ValueError: for an unknown sampler (the message lists the allowed names), ``labels`` or a guidance
-                scale other than 1 for an unconditional model, or labels of the wrong length or range, or an
-                ``autoguidance_scale`` other than 1 without a ``guide``.
+                scale other than 1 for an unconditional model, or labels of the wrong length or range, an
+                ``autoguidance_scale`` other than 1 without a ``guide``, or a ``guidance_interval`` that is not two
+                noise levels ``0 ≤ σ_lo < σ_hi``.
         """
-        if autoguidance_scale != 1.0 and guide is None:
-            raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide network (guide_ckpt_path=...)")
-        sampler = sampler or self.hparams.sampler
-        w = float(self.hparams.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
-        labels = self._sampling_labels(n, labels, w)
-        steps = num_inference_steps or self.hparams.num_inference_steps
-        if self.edm is not None:
-            scheduler = make_edm_scheduler(sampler, self.edm)
-        else:
-            scheduler = make_scheduler(sampler, self.noise_scheduler.config)
-        net = self.ema.module if use_ema else self.net
-        was_training = net.training
-        net.eval()
-        guide_was_training = guide is not None and guide.training
-        if guide is not None:
-            guide.eval()
-        dtype = sampling_autocast_dtype(self.device) if autocast else None
-        out = []
-        try:
-            for start in range(0, n, batch_size):
-                b = min(batch_size, n - start)
-                noise = randn_tensor((b, *self.image_shape), generator=generator, device=self.device)
-                y = None if labels is None else labels[start:start + b]
-
-                def predict(net_: nn.Module, x: torch.Tensor, t: torch.Tensor,
-                            y: torch.Tensor | None = y) -> torch.Tensor:
-                    if y is None:
-                        return self.predict(net_, x, t)
-                    return guided_prediction(lambda x_, t_, y_: self.predict(net_, x_, t_, y_), x, t, y,
-                                             self.num_classes, w)
-
-                def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    if guide is None:
-                        return predict(net, x, t)
-                    return autoguided_prediction(predict, net, guide, x, t, autoguidance_scale)
-
-                if sampler == "edm_heun":
-                    scheduler.set_timesteps(steps)
-                    with autocast_context(self.device, dtype):
-                        x = heun_sample(denoiser(denoise, self.edm.sigma_data), noise, scheduler.sigmas, generator,
-                                        s_churn=self.hparams.get("s_churn", 0.0))
-                else:
-                    x = reverse_diffusion(scheduler, denoise, noise, steps, generator, eta, dtype)
-                out.append(x.clamp(-1, 1).float())
-        finally:
-            net.train(was_training)
-            if guide is not None:
-                guide.train(guide_was_training)
-        return torch.cat(out)
-
-    def _sampling_labels(self, n: int, labels: torch.Tensor | None, guidance_scale: float) -> torch.Tensor | None:
-        if self.num_classes is None:
-            if labels is not None or guidance_scale != 1.0:
-                raise ValueError("labels / guidance_scale need a class-conditional DDPM (model.num_classes set); "
-                                 "this model is unconditional")
-            return None
-        if labels is None:
-            labels = rows_per_class(n, self.num_classes)
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten().to(self.device)
-        if labels.numel() != n:
-            raise ValueError(f"got {labels.numel()} labels for {n} samples")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}); got {labels.unique().tolist()}")
-        return labels
+        return draw(self, n, generator, sampler, num_inference_steps, eta, batch_size, use_ema, labels,
+                    guidance_scale, autocast, guide, autoguidance_scale, guidance_interval)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Save the EMA network and the noise schedule as a diffusers ``DDPMPipeline`` directory.

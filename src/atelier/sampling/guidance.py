@@ -17,6 +17,11 @@ unconditional models too::
     D̂ = D_guide + w · (D_main − D_guide)
 
 where the guide is the same model trained for less long (here: an earlier checkpoint's EMA network).
+
+Both guidances can be limited to an interval of noise levels ``σ ∈ (σ_lo, σ_hi]`` (Kynkäänniemi et al. 2024,
+"Applying Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models",
+arXiv:2404.07724): guidance at high noise pushes samples towards few modes, at low noise it does little, so
+outside the interval the plain network samples alone (:func:`in_interval`).
 """
 
 from __future__ import annotations
@@ -101,6 +106,12 @@ def autoguided_prediction(
     if autoguidance_scale == 1.0:
         return pred
     return apply_guidance(predict(guide, x, t), pred, autoguidance_scale)
+
+
+def in_interval(sigma: float, interval: tuple[float, float]) -> bool:
+    """Whether the noise level ``sigma`` lies in the guidance interval ``(σ_lo, σ_hi]`` (Kynkäänniemi et al. 2024,
+    Sec. 4: guidance is applied where ``σ_lo < σ ≤ σ_hi``)."""
+    return interval[0] < sigma <= interval[1]
 
 
 def drop_labels(labels: torch.Tensor, null_label: int, drop_prob: float,

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.loop import autocast_kwargs
-from atelier.tasks.sample import guide_choice, guide_kwargs, load_module, stored_config
+from atelier.tasks.sample import guide_choice, guide_kwargs, interval_option, load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
@@ -101,6 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     sample_kwargs: dict[str, Any] = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "guidance_scale",
                                                                      "sampling_prior")}
+    sample_kwargs["guidance_interval"] = interval_option(cfg)
     sample_kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     sample_kwargs.update(guide_kwargs(model, cfg))
     classes = getattr(model, "num_classes", None)

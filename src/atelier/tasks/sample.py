@@ -171,14 +171,22 @@ def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
     return classes[rows_per_class(int(cfg.num_samples), classes.numel())]
 
 
+def interval_option(cfg: DictConfig) -> list[float] | None:
+    """``cfg.guidance_interval`` (``[σ_lo, σ_hi]``, Kynkäänniemi et al. 2024) as plain floats, or ``None``; its
+    values are checked by ``DDPM.sample`` (:func:`atelier.models.ddpm_sampling.check_interval`)."""
+    value = cfg.get("guidance_interval")
+    return None if value is None else [float(v) for v in value]
+
+
 def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null).
 
-    ``class_labels`` / ``class_label`` become ``labels`` (:func:`requested_labels`); ``guidance_scale`` is
-    passed to models that take it (class-conditional DDPMs).
+    ``class_labels`` / ``class_label`` become ``labels`` (:func:`requested_labels`); ``guidance_scale`` and
+    ``guidance_interval`` are passed to models that take them (DDPMs).
     """
     options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale",
                                           "sampling_prior")}
+    options["guidance_interval"] = interval_option(cfg)
     options["labels"] = requested_labels(cfg)
     kwargs = accepted_kwargs(model, options)
     kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
