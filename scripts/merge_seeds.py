@@ -5,18 +5,19 @@
     python scripts/merge_seeds.py front/seed*/fid_vs_nfe.json front/ag*/autoguidance_sweep.json \
         --reference ddpm-1000 --out docs/front
 
-FID at 2,000 samples moves by a few percent with the noise seed alone, so rows that close cannot be told apart from
-one seed (issue 14 asks for ≥ 5,000 samples per row, or 2,000 with the spread over 3 seeds). This script takes the
+FID at 2,000 samples moves by 10-20 % with the noise seed alone, so rows that close cannot be told apart from one
+seed (issue 14 asks for ≥ 5,000 samples per row, or 2,000 with the spread over 3 seeds). This script takes the
 ``fid_vs_nfe.json`` and ``autoguidance_sweep.json`` files that those scripts write (any number, from any machine),
-checks that they describe one checkpoint under one protocol (only ``seed`` and ``sampling`` may differ; otherwise it
-exits naming the differing keys), and groups their rows by (sampler, NFE): an autoguided row is labelled
-``<sampler> + AG(<guide>, w=<w>[, σ∈(lo, hi]])`` at the NFE its table gives (two network evaluations per guided
-step; tables without an NFE column: twice the steps). A row seen twice for the same seed
-(e.g. the sweep's ``w = 1`` row and the front's row of that sampler) must agree in FID, else it exits: the scripts
-are deterministic given the seed. Per row it writes the number of seeds, mean and sample standard deviation
-(``ddof = 1``) of FID and KID over seeds, mean precision / recall, the per-seed FIDs and, with ``--reference``, the
-mean FID relative to the reference row's mean in percent. Writes ``merged.csv``, ``merged.json`` and
-``merged.png`` (mean FID against NFE, log-scaled, error bars ± 1 std over seeds) into ``--out``.
+checks that they describe one checkpoint under one protocol (only ``seed`` and ``sampling`` may differ, and the
+extractor's file path where its SHA-256 matches; otherwise it exits naming the differing keys), and groups their
+rows by (sampler, NFE): an autoguided row is labelled ``<sampler> + AG(<guide>, w=<w>[, σ∈(lo, hi]])`` at the NFE
+its table gives (two network evaluations per guided step; tables without an NFE column: twice the steps). A row
+seen twice for the same seed (e.g. the sweep's ``w = 1`` row and the front's row of that sampler) must agree in
+FID, else it exits: the scripts are deterministic given the seed. Per row it writes the number of seeds, mean and
+sample standard deviation (``ddof = 1``) of FID and KID over seeds, mean precision / recall, the per-seed FIDs and,
+with ``--reference``, the mean FID relative to the reference row's mean in percent. Writes ``merged.csv``,
+``merged.json`` and ``merged.png`` (mean FID against NFE, log-scaled, error bars ± 1 std over seeds) into
+``--out``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def load(paths: list[Path]) -> tuple[dict[tuple[str, int], dict[int, dict[str, A
     for path in paths:
         record = json.loads(path.read_text())
         protocol = {k: v for k, v in record["protocol"].items() if k not in MAY_DIFFER}
+        if "weights_sha256" in protocol:  # the same weights from another checkout: compare by hash, not path
+            protocol.pop("weights", None)
         if first is None:
             first = (path, protocol, record["ckpt"])
         else:
