@@ -156,17 +156,25 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any
             spec = ALL_SAMPLERS[sampler]
             style = "--" if spec.stochastic else "-"
             ax.plot([r["NFE"] for r in mine], [r["fid"] for r in mine], style, marker="o", ms=3, label=sampler)
+    finish_nfe_plot(fig, ax, rows, f"FID ({protocol.get('extractor')}, {protocol.get('num_samples')} samples)",
+                    f"FID vs NFE: {Path(ckpt).name} (dashed: stochastic samplers)", out / "fid_vs_nfe.png", ncol=2)
+
+
+def finish_nfe_plot(fig: Any, ax: Any, rows: list[dict[str, Any]], ylabel: str, title: str, path: Path,
+                    ncol: int = 1) -> None:
+    """Log-scaled NFE axis ticked at the rows' NFEs, labels, grid and legend; saves ``fig`` to ``path`` and closes
+    it. Shared with scripts/merge_seeds.py."""
     ax.set_xscale("log")
     nfes = sorted({r["NFE"] for r in rows})
     ax.set_xticks(nfes, [str(n) for n in nfes])
     ax.minorticks_off()
     ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel(f"FID ({protocol.get('extractor')}, {protocol.get('num_samples')} samples)")
-    ax.set_title(f"FID vs NFE: {Path(ckpt).name} (dashed: stochastic samplers)", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=ncol)
     fig.tight_layout()
-    fig.savefig(out / "fid_vs_nfe.png")
+    fig.savefig(path)
     plt.close(fig)
 
 

@@ -32,7 +32,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from fid_vs_nfe import row_nfe, write_table
+from fid_vs_nfe import finish_nfe_plot, row_nfe, write_table
 
 from atelier.tasks.evaluate import format_table
 
@@ -141,18 +141,9 @@ def plot(rows: list[dict[str, Any]], protocol: dict[str, Any], ckpt: str, path: 
         mine = sorted((r for r in rows if r["sampler"] == label), key=lambda r: r["NFE"])
         ax.errorbar([r["NFE"] for r in mine], [r["fid"] for r in mine], yerr=[r["fid_std"] or 0.0 for r in mine],
                     marker="o", ms=3, capsize=3, label=f"{label} ({len(mine[0]['seeds'].split())} seeds)")
-    ax.set_xscale("log")
-    nfes = sorted({r["NFE"] for r in rows})
-    ax.set_xticks(nfes, [str(n) for n in nfes])
-    ax.minorticks_off()
-    ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel(f"FID ({protocol.get('extractor')}, {protocol.get('num_samples')} samples), mean ± std")
-    ax.set_title(f"FID vs NFE over seeds: {Path(ckpt).parent.parent.name}/{Path(ckpt).name}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish_nfe_plot(fig, ax, rows,
+                    f"FID ({protocol.get('extractor')}, {protocol.get('num_samples')} samples), mean ± std",
+                    f"FID vs NFE over seeds: {Path(ckpt).parent.parent.name}/{Path(ckpt).name}", path)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
