@@ -161,9 +161,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any
 
 
 def finish_nfe_plot(fig: Any, ax: Any, rows: list[dict[str, Any]], ylabel: str, title: str, path: Path,
-                    ncol: int = 1) -> None:
-    """Log-scaled NFE axis ticked at the rows' NFEs, labels, grid and legend; saves ``fig`` to ``path`` and closes
-    it. Shared with scripts/merge_seeds.py."""
+                    ncol: int = 1, legend_outside: bool = False) -> None:
+    """Log-scaled NFE axis ticked at the rows' NFEs, labels, grid and legend (right of the axes with
+    ``legend_outside``); saves ``fig`` to ``path`` and closes it. Shared with scripts/merge_seeds.py."""
     ax.set_xscale("log")
     nfes = sorted({r["NFE"] for r in rows})
     ax.set_xticks(nfes, [str(n) for n in nfes])
@@ -172,7 +172,10 @@ def finish_nfe_plot(fig: Any, ax: Any, rows: list[dict[str, Any]], ylabel: str, 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=ncol)
+    if legend_outside:
+        ax.legend(fontsize=7, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, ncol=ncol)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -32,7 +32,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from fid_vs_nfe import finish_nfe_plot, row_nfe, write_table
+from fid_vs_nfe import ALL_SAMPLERS, finish_nfe_plot, row_nfe, write_table
 
 from atelier.tasks.evaluate import format_table
 
@@ -136,14 +136,21 @@ def merge(grouped: dict[tuple[str, int], dict[int, dict[str, Any]]],
 
 def plot(rows: list[dict[str, Any]], protocol: dict[str, Any], ckpt: str, path: Path) -> None:
     """Mean FID against NFE (log scale), one line per label, error bars ± 1 std over seeds."""
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    for label in dict.fromkeys(r["sampler"] for r in rows):
+    labels = list(dict.fromkeys(r["sampler"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6.5 + (2.5 if len(labels) > 4 else 0.0), 4), dpi=120)
+    colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    for i, label in enumerate(labels):
         mine = sorted((r for r in rows if r["sampler"] == label), key=lambda r: r["NFE"])
+        counts = sorted({len(r["seeds"].split()) for r in mine})
+        seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        stochastic = "AG(" in label or (label in ALL_SAMPLERS and ALL_SAMPLERS[label].stochastic)
         ax.errorbar([r["NFE"] for r in mine], [r["fid"] for r in mine], yerr=[r["fid_std"] or 0.0 for r in mine],
-                    marker="o", ms=3, capsize=3, label=f"{label} ({len(mine[0]['seeds'].split())} seeds)")
+                    marker="o", ms=3, capsize=3, color=colours(i), linestyle="--" if stochastic else "-",
+                    label=f"{label} ({seeds} seed{'s' if counts[-1] > 1 else ''})")
     finish_nfe_plot(fig, ax, rows,
                     f"FID ({protocol.get('extractor')}, {protocol.get('num_samples')} samples), mean ± std",
-                    f"FID vs NFE over seeds: {Path(ckpt).parent.parent.name}/{Path(ckpt).name}", path)
+                    f"FID vs NFE over seeds: {Path(ckpt).parent.parent.name}/{Path(ckpt).name} (dashed: stochastic)",
+                    path, legend_outside=len(labels) > 4)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
