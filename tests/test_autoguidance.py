@@ -134,7 +134,8 @@ def test_autoguidance_sweep_script_writes_table_csv_and_plot(
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "scripts" / "autoguidance_sweep.py"), str(ckpt), "--guides", str(ckpt),
-           "--scales", "1,2", "--intervals", "none,1e9:2e9", "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",
+           "--scales", "1,2", "--intervals", "none,1e9:2e9", "--steps", "2", "--num-samples", "20",
+           "--batch-size", "10", "--reference-size", "40",
            "--metrics", "fid", "--classifier-ckpt", str(classifier_ckpt), "--cache-dir", str(tmp_path / "cache"),
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
