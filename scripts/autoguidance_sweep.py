@@ -78,7 +78,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         for w, interval in ((s, i) for s in scales if s != 1.0 for i in intervals):
             result = evaluator.evaluate(model, {**options, "guide": guide, "autoguidance_scale": w,
                                                 "guidance_interval": interval})
-            nfe = steps + guided_steps(model, args.sampler, args.steps, interval)
+            # every network call is guided without an interval (also edm_heun's 2N - 1); else the steps inside it
+            nfe = 2 * steps if interval is None else steps + guided_steps(model, args.sampler, args.steps, interval)
             rows.append({"guide": guide_path, "autoguidance_scale": w, "guidance_interval": interval, "NFE": nfe,
                          **result_row(result)})
             print(f"guide={Path(guide_path).name} w={w} interval={interval}: fid={rows[-1]['fid']:.3f}", flush=True)
