@@ -111,3 +111,6 @@ def test_the_tasks_pass_the_key_as_floats() -> None:
                             "guide_ckpt_path": None, "autoguidance_scale": None, "guidance_interval": [0.28, 5]})
     kwargs = sample_kwargs(model, cfg)
     assert kwargs["guidance_interval"] == [0.28, 5.0] and all(isinstance(v, float) for v in kwargs["guidance_interval"])
+    cfg.guidance_interval = 0.5
+    with pytest.raises(ValueError, match=r"guidance_interval=0\.5 must be a list"):
+        sample_kwargs(model, cfg)

@@ -173,9 +173,17 @@ def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
 
 def interval_option(cfg: DictConfig) -> list[float] | None:
     """``cfg.guidance_interval`` (``[σ_lo, σ_hi]``, Kynkäänniemi et al. 2024) as plain floats, or ``None``; its
-    values are checked by ``DDPM.sample`` (:func:`atelier.models.ddpm_sampling.check_interval`)."""
+    values are checked by ``DDPM.sample`` (:func:`atelier.models.ddpm_sampling.check_interval`).
+
+    Raises:
+        ValueError: naming the key when it is a single value instead of a list.
+    """
     value = cfg.get("guidance_interval")
-    return None if value is None else [float(v) for v in value]
+    if value is None:
+        return None
+    if isinstance(value, int | float | str):
+        raise ValueError(f"guidance_interval={value!r} must be a list [σ_lo, σ_hi] (e.g. [0.28,5.42]) or null")
+    return [float(v) for v in value]
 
 
 def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
