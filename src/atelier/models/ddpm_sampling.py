@@ -72,6 +72,13 @@ def sampling_labels(model: DDPM, n: int, labels: torch.Tensor | None,
     return labels
 
 
+def sampling_scheduler(model: DDPM, sampler: str) -> object:
+    """A fresh diffusers scheduler for ``sampler`` on ``model``'s noise schedule (EDM or VP)."""
+    if model.edm is not None:
+        return make_edm_scheduler(sampler, model.edm)
+    return make_scheduler(sampler, model.noise_scheduler.config)
+
+
 def draw(model: DDPM, n: int, generator: torch.Generator | None, sampler: str | None,
          num_inference_steps: int | None, eta: float, batch_size: int, use_ema: bool, labels: torch.Tensor | None,
          guidance_scale: float | None, autocast: bool, guide: nn.Module | None, autoguidance_scale: float,
@@ -84,10 +91,7 @@ def draw(model: DDPM, n: int, generator: torch.Generator | None, sampler: str | 
     w = float(model.hparams.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
     labels = sampling_labels(model, n, labels, w)
     steps = num_inference_steps or model.hparams.num_inference_steps
-    if model.edm is not None:
-        scheduler = make_edm_scheduler(sampler, model.edm)
-    else:
-        scheduler = make_scheduler(sampler, model.noise_scheduler.config)
+    scheduler = sampling_scheduler(model, sampler)
     net = model.ema.module if use_ema else model.net
     was_training = net.training
     net.eval()
@@ -147,7 +151,6 @@ def guided_steps(model: DDPM, sampler: str | None, num_inference_steps: int | No
         return steps
     if sampler == "edm_heun":
         raise ValueError("guided_steps does not count edm_heun's calls within a guidance_interval")
-    scheduler = (make_edm_scheduler(sampler, model.edm) if model.edm is not None
-                 else make_scheduler(sampler, model.noise_scheduler.config))
+    scheduler = sampling_scheduler(model, sampler)
     scheduler.set_timesteps(steps)
     return sum(in_interval(noise_sigma(model, t.reshape(1)), interval) for t in scheduler.timesteps)
