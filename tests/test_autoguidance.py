@@ -120,12 +120,21 @@ def test_tasks_load_the_guide_record_it_and_reject_another_model(
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["protocol"]["sampling"]["guide"] == str(ckpt)
 
+    # a narrower / wider network is a valid guide (the paper's guide is smaller); another parameterization is not
     other = tmp_path / "wider"
     wider = train_cfg(*TINY_RUN, "callbacks.sample_grid=null", "model.net.block_out_channels=[32,32]")
     wider.paths.output_dir = str(other)
     train.run(wider)
-    with pytest.raises(ValueError, match=r"guide_ckpt_path=.*wider.* holds a different model"):
-        sample.guide_kwargs(model, _cfg(guide_ckpt_path=str(other / "checkpoints" / "last.ckpt")))
+    kwargs = sample.guide_kwargs(model, _cfg(guide_ckpt_path=str(other / "checkpoints" / "last.ckpt")))
+    assert sum(p.numel() for p in kwargs["guide"].parameters()) > sum(p.numel() for p in model.ema.module.parameters())
+    x = model.sample(3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, **kwargs)
+    assert x.shape == (3, *model.image_shape) and float(x.min()) >= -1 and float(x.max()) <= 1
+    v_pred = tmp_path / "vpred"
+    other_cfg = train_cfg(*TINY_RUN, "callbacks.sample_grid=null", "model.prediction_type=v_prediction")
+    other_cfg.paths.output_dir = str(v_pred)
+    train.run(other_cfg)
+    with pytest.raises(ValueError, match=r"guide_ckpt_path=.*vpred.* different model.*prediction_type 'v_prediction'"):
+        sample.guide_kwargs(model, _cfg(guide_ckpt_path=str(v_pred / "checkpoints" / "last.ckpt")))
 
 
 def test_autoguidance_sweep_script_writes_table_csv_and_plot(

@@ -126,8 +126,8 @@ def guide_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: see :func:`guide_choice`; also when ``model.sample`` takes no ``guide`` (only DDPMs do), or the
-            guide's model class or network config differs from ``model``'s (autoguidance needs the same
-            architecture and parameterization).
+            guide is another model class or differs in :func:`guide_contract` (a smaller or narrower network is
+            allowed: the paper's guide is one).
         FileNotFoundError: when the guide checkpoint does not exist.
     """
     path, scale = guide_choice(cfg)
@@ -140,14 +140,37 @@ def guide_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
         log.info("autoguidance as the run's recipe asks: guide %s, w = %s (autoguidance_scale=1 turns it off)",
                  path, scale)
     guide = load_module(path)
-    same_net = getattr(getattr(guide, "net", None), "config", None) == getattr(getattr(model, "net", None), "config",
-                                                                               None)
-    same_hparams = {k: guide.hparams.get(k) for k in ("parameterization", "prediction_type", "num_classes")} == \
-        {k: model.hparams.get(k) for k in ("parameterization", "prediction_type", "num_classes")}
-    if type(guide) is not type(model) or not same_net or not same_hparams:
-        raise ValueError(f"guide_ckpt_path={path} holds a different model ({type(guide).__name__}, network or "
-                         f"parameterization) than ckpt_path; autoguidance needs a checkpoint of the same model")
+    if type(guide) is not type(model):
+        raise ValueError(f"guide_ckpt_path={path} holds a {type(guide).__name__}, ckpt_path a {type(model).__name__}; "
+                         "autoguidance needs a DDPM guide")
+    differ = {k: (guide_v, model_v) for k, (guide_v, model_v) in guide_contract(guide, model).items()
+              if guide_v != model_v}
+    if differ:
+        raise ValueError(f"guide_ckpt_path={path} holds a different model than ckpt_path: "
+                         + ", ".join(f"{k} {g!r} (guide) vs {m!r}" for k, (g, m) in differ.items())
+                         + "; autoguidance needs the same images, noise schedule and parameterization (the width "
+                         "and depth of the network may differ)")
     return {"guide": guide.ema.module.to(model.device), "autoguidance_scale": scale}
+
+
+GUIDE_HPARAMS = ("parameterization", "prediction_type", "num_classes", "beta_schedule", "num_train_timesteps",
+                 "sigma_data", "sigma_min", "sigma_max")
+
+
+def guide_contract(guide: L.LightningModule, model: L.LightningModule) -> dict[str, tuple[Any, Any]]:
+    """``{key: (guide's value, model's value)}`` of what a guide must share with the model it guides: the image
+    shape ``(C, H, W)``, the network's output channels and the noise-schedule / parameterization hyperparameters
+    (:data:`GUIDE_HPARAMS`). The network's widths, depth and attention are free: Karras et al. 2024 (Sec. 3) guide
+    with a smaller, shorter-trained version of the model."""
+    def out_channels(m: L.LightningModule) -> Any:
+        return getattr(getattr(getattr(m, "net", None), "config", None), "out_channels", None)
+
+    pairs: dict[str, tuple[Any, Any]] = {
+        "image_shape": (tuple(guide.image_shape), tuple(model.image_shape)),
+        "out_channels": (out_channels(guide), out_channels(model)),
+    }
+    pairs.update({k: (guide.hparams.get(k), model.hparams.get(k)) for k in GUIDE_HPARAMS})
+    return pairs
 
 
 def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
