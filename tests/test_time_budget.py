@@ -89,13 +89,21 @@ def _with_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
     return cfg
 
 
-def _assert_lr_decays_to_zero(lrs: list[tuple[int, float]], warmup: int, peak: float) -> None:
+def _assert_lr_decays_to_zero(lrs: list[tuple[int, float]], warmup: int, peak: float,
+                               last_plan_steps: int | None = None) -> None:
+    """The LR warms up to ``peak``, never rises after, and its last value (the last optimiser step's, one step
+    before the horizon) is near zero. A plan re-made ``last_plan_steps`` steps before the end compresses the
+    rest of the cosine into those steps; its last step then sits at progress ≥ (N − 1) / N, which bounds the
+    last LR by peak · ½(1 + cos(π (N − 1) / N)) (e.g. 15 % of peak for N = 4) instead of 2 %."""
     after = [lr for step, lr in lrs if step >= warmup]
     assert len(after) > 20, lrs
     assert max(after) == pytest.approx(peak, rel=0.02)  # the warm-up reached the peak
     for a, b in itertools.pairwise(after):
         assert b <= a + 1e-12, f"the LR rose after the warm-up: {a} -> {b}"
-    assert after[-1] < 0.02 * peak, f"last LR {after[-1]} of peak {peak}"
+    bound = 0.02
+    if last_plan_steps is not None and last_plan_steps > 0:
+        bound = max(bound, 0.5 * (1 + math.cos(math.pi * (last_plan_steps - 1) / last_plan_steps)) + 1e-6)
+    assert after[-1] < bound * peak, f"last LR {after[-1]} of peak {peak} (bound {bound:.3f} of peak)"
 
 
 # ---------------------------------------------------------------- units
@@ -277,7 +285,9 @@ def test_horizon_shrinks_when_steps_slow_down(train_cfg: Callable[..., DictConfi
     assert last < 0.7 * first, history
     assert metrics["global_step"] == last
     assert state["elapsed_s"] < BUDGET_S + SLACK_S, state
-    _assert_lr_decays_to_zero(_csv_column(out, "lr"), warmup=10, peak=1e-3)
+    # the slow-down may leave the last re-plan only a few steps (CI, stop 32: last LR 3.8 % of peak)
+    _assert_lr_decays_to_zero(_csv_column(out, "lr"), warmup=10, peak=1e-3,
+                              last_plan_steps=history[-1][1] - history[-1][0])
 
 
 @pytest.mark.slow
