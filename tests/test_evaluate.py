@@ -144,7 +144,7 @@ def test_guidance_sweep_script_writes_table_csv_and_plot(train_cfg: Callable[...
                                    "metrics=[fid]"))
     assert 0.0 <= result["metrics"]["cond_accuracy"] <= 1.0  # balanced labels, checked by the classifier
     assert result["protocol"]["sampling"] == {"num_inference_steps": 2, "guidance_scale": 2,
-                                              "autocast": cpu_bf16_pays()}
+                                              "autocast": cpu_bf16_pays(), "label_distribution": "balanced"}
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "scripts" / "guidance_sweep.py"), str(ckpt), "--scales", "0,2",
            "--steps", "2", "--num-samples", "20", "--batch-size", "10", "--reference-size", "40",

@@ -138,3 +138,23 @@ def rows_per_class(n: int, num_classes: int) -> torch.Tensor:
     with that many images per row shows one class per row."""
     per_class = math.ceil(n / num_classes)
     return torch.arange(num_classes).repeat_interleave(per_class)[:n]
+
+
+def prior_labels(n: int, class_counts: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` int64 labels whose class frequencies follow ``class_counts`` ``(K,)`` (e.g. the training split's
+    label counts), by largest-remainder quotas (Hamilton's method), each class's images consecutive. Sampling a
+    class-conditional model with these labels draws from ``p(x) = Σ_y p(y) p(x | y)``, the unconditional data
+    distribution, instead of a balanced mixture of the classes.
+
+    Raises:
+        ValueError: for counts that are negative, not 1-D, or sum to zero.
+    """
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.dim() != 1 or bool((counts < 0).any()) or float(counts.sum()) <= 0:
+        raise ValueError(f"class_counts must be a 1-D tensor of non-negative counts with a positive sum; got {counts}")
+    exact = counts / counts.sum() * n
+    quota = exact.floor().long()
+    left = n - int(quota.sum())
+    if left > 0:
+        quota[torch.argsort(exact - quota, descending=True, stable=True)[:left]] += 1
+    return torch.arange(counts.numel()).repeat_interleave(quota)

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.metrics.evaluator import Evaluator
+from atelier.sampling.guidance import prior_labels
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.sample import guide_choice, guide_kwargs, interval_option, load_module, stored_config
 from atelier.utils.config import instantiate_group, run_info, write_json
@@ -50,6 +51,48 @@ def reference_datamodule(ckpt_path: str | Path, data_dir: str | None = None,
     datamodule: L.LightningDataModule = hydra.utils.instantiate(OmegaConf.create(stored))
     datamodule.setup("fit")
     return datamodule
+
+
+LABEL_CHOICES = ("balanced", "prior")
+
+
+def train_label_counts(datamodule: L.LightningDataModule, num_classes: int) -> torch.Tensor:
+    """``(num_classes,)`` int64 label counts of the datamodule's training split (``train_set``, a dataset or a
+    ``Subset`` of one with a ``targets`` list/tensor, as torchvision's MNIST and Atelier's image folders have).
+
+    Raises:
+        ValueError: when the training split has no ``targets`` to count, or a label lies outside the classes.
+    """
+    train = getattr(datamodule, "train_set", None)
+    indices = None
+    while isinstance(train, torch.utils.data.Subset):
+        indices = [int(i) for i in train.indices] if indices is None else [int(train.indices[i]) for i in indices]
+        train = train.dataset
+    targets = getattr(train, "targets", None)
+    if targets is None:
+        raise ValueError(f"label_distribution=prior needs the training labels, but "
+                         f"{type(datamodule).__name__}.train_set has no targets; use label_distribution=balanced")
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    if indices is not None:
+        targets = targets[torch.as_tensor(indices, dtype=torch.long)]
+    if targets.numel() == 0 or int(targets.min()) < 0 or int(targets.max()) >= num_classes:
+        raise ValueError(f"training labels must lie in [0, {num_classes}); got {targets.unique().tolist()[:20]}")
+    return torch.bincount(targets, minlength=num_classes)
+
+
+def evaluation_labels(choice: str, n: int, num_classes: int, datamodule: L.LightningDataModule) -> torch.Tensor:
+    """``(n,)`` int64 labels for sampling a conditional model in an evaluation: ``balanced`` (``i % K``, equal
+    counts) or ``prior`` (the training split's class frequencies, :func:`atelier.sampling.guidance.prior_labels`:
+    samples of ``p(x)``, comparable with an unconditional model against the same reference).
+
+    Raises:
+        ValueError: naming ``label_distribution`` and the allowed values for another choice.
+    """
+    if choice == "balanced":
+        return torch.arange(n) % num_classes
+    if choice == "prior":
+        return prior_labels(n, train_label_counts(datamodule, num_classes))
+    raise ValueError(f"label_distribution={choice!r}: allowed values are {list(LABEL_CHOICES)}")
 
 
 def sampling_params(model: torch.nn.Module) -> int:
@@ -105,12 +148,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sample_kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     sample_kwargs.update(guide_kwargs(model, cfg))
     classes = getattr(model, "num_classes", None)
-    if isinstance(classes, int):  # conditional: balanced labels, and the classifier's conditional accuracy
-        sample_kwargs["labels"] = torch.arange(int(cfg.num_samples)) % classes
+    if isinstance(classes, int):  # conditional: labels as asked, and the classifier's conditional accuracy
+        sample_kwargs["labels"] = evaluation_labels(cfg.get("label_distribution", "balanced"), int(cfg.num_samples),
+                                                    classes, datamodule)
     try:
         result = evaluator.evaluate(model, sample_kwargs)
         if "guide" in sample_kwargs:
             result["protocol"]["sampling"]["guide"] = guide_choice(cfg)[0]
+        if "labels" in sample_kwargs:
+            result["protocol"]["sampling"]["label_distribution"] = cfg.get("label_distribution", "balanced")
         result.update(ckpt_path=str(cfg.ckpt_path), model=type(model).__name__, params=sampling_params(model),
                       run_info=run_info(int(cfg.seed)))
         row = {"model": result["model"], "params": result["params"], **result_row(result)}
