@@ -11,8 +11,8 @@ drawn with the same noise seed and scored under one protocol (the domain feature
 precision and recall). ``w = 1`` is the unguided model (one row, whatever the guide). ``--intervals`` limits the
 guidance to noise levels ``σ ∈ (σ_lo, σ_hi]`` (Kynkäänniemi et al. 2024, arXiv:2404.07724; ``DDPM.sample``'s
 ``guidance_interval``), one row per interval; the NFE column counts the guide's calls (steps + guided steps).
-Conditional models get balanced labels (``i % num_classes``). Writes ``autoguidance_sweep.csv``, ``.json`` and
-``.png`` into ``--out``.
+Conditional models get balanced labels (``i % num_classes``) or, with ``--label-distribution prior``, the
+training split's class frequencies. Writes ``autoguidance_sweep.csv``, ``.json`` and ``.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
-from fid_vs_nfe import extractor_args, make_evaluator, resolve_sampler, row_nfe, sampler_args, write_table
+from fid_vs_nfe import (
+    extractor_args,
+    label_args,
+    make_evaluator,
+    resolve_sampler,
+    row_nfe,
+    sampler_args,
+    sweep_labels,
+    write_table,
+)
 from omegaconf import OmegaConf
 
 from atelier.models.ddpm_sampling import check_interval, guided_steps
@@ -62,9 +70,9 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     evaluator = make_evaluator(args, args.ckpt)
     options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps,
                                **autocast_kwargs(model, args.autocast)}
-    classes = getattr(model, "num_classes", None)
-    if isinstance(classes, int):
-        options["labels"] = torch.arange(args.num_samples) % classes
+    labels = sweep_labels(args, model, evaluator)
+    if labels is not None:
+        options["labels"] = labels
     scales = [float(s) for s in args.scales.split(",")]
     intervals = parse_intervals(args.intervals)
     steps = row_nfe(args.sampler, args.steps)
@@ -84,6 +92,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                          **result_row(result)})
             print(f"guide={Path(guide_path).name} w={w} interval={interval}: fid={rows[-1]['fid']:.3f}", flush=True)
     protocol = evaluator.protocol({k: v for k, v in options.items() if k != "labels"}).to_dict()
+    if labels is not None:
+        protocol["sampling"]["label_distribution"] = args.label_distribution
     write_outputs(Path(args.out), rows, protocol, args)
     return rows
 
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     sampler_args(parser, "sampler steps (two network calls each with a guide)")
     parser.add_argument("--out", default="outputs/autoguidance_sweep", help="folder for the CSV, JSON and PNG")
     extractor_args(parser)
+    label_args(parser)
     args = parser.parse_args(argv)
     rows = sweep(args)
     print(f"\nAutoguidance sweep for {args.ckpt}\n\n{format_table(rows, COLUMNS)}\n\nwritten to {args.out}")

@@ -29,12 +29,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.edm import EDM_SAMPLERS, edm_expected_nfe
 from atelier.sampling.loop import autocast_kwargs
 from atelier.sampling.schedulers import SAMPLERS, expected_nfe
-from atelier.tasks.evaluate import format_table, reference_datamodule, result_row
+from atelier.tasks.evaluate import LABEL_CHOICES, evaluation_labels, format_table, reference_datamodule, result_row
 from atelier.tasks.sample import load_module
 
 DEFAULT_SAMPLERS = ",".join(SAMPLERS)
@@ -74,6 +75,23 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
                         help="DDPMs: the network under bf16 autocast where that pays (CPU with AMX, CUDA with bf16), "
                              "as sample.py / evaluate.py autocast=true; --no-autocast: fp32")
+
+
+def label_args(parser: argparse.ArgumentParser) -> None:
+    """``--label-distribution`` of the scripts that sample class-conditional models (as ``evaluate.py``'s key)."""
+    parser.add_argument("--label-distribution", default="balanced", choices=LABEL_CHOICES,
+                        help="class-conditional models: balanced labels (i %% K) or the training split's class "
+                             "frequencies (prior: samples of p(x), comparable with unconditional models)")
+
+
+def sweep_labels(args: argparse.Namespace, model: Any, evaluator: Evaluator) -> torch.Tensor | None:
+    """``(args.num_samples,)`` int64 labels for a class-conditional ``model`` by ``args.label_distribution``
+    (:func:`atelier.tasks.evaluate.evaluation_labels`, from the evaluator's datamodule), ``None`` for an
+    unconditional one."""
+    classes = getattr(model, "num_classes", None)
+    if not isinstance(classes, int):
+        return None
+    return evaluation_labels(args.label_distribution, args.num_samples, classes, evaluator.datamodule)
 
 
 def sampler_args(parser: argparse.ArgumentParser, steps_help: str) -> None:
@@ -192,19 +210,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--ema-sigma-rel", type=float, default=None,
                         help="sample with the post-hoc EMA of this length (runs with callbacks/posthoc_ema)")
     extractor_args(parser)
+    label_args(parser)
     args = parser.parse_args(argv)
     pairs = parse_rows(args)
 
     model = load_module(args.ckpt, ema_sigma_rel=args.ema_sigma_rel).to(args.device)
     evaluator = make_evaluator(args, args.ckpt)
+    labels = sweep_labels(args, model, evaluator)
     rows = []
     for sampler, steps in pairs:
-        result = evaluator.evaluate(model, {"sampler": sampler, "num_inference_steps": steps,
-                                            **autocast_kwargs(model, args.autocast)})
+        options = {"sampler": sampler, "num_inference_steps": steps, **autocast_kwargs(model, args.autocast)}
+        result = evaluator.evaluate(model, options if labels is None else {**options, "labels": labels})
         rows.append({"sampler": sampler, "NFE": row_nfe(sampler, steps), **result_row(result)})
         print(f"{sampler}-{steps}: fid={result['metrics'].get('fid')}", flush=True)
     columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     protocol = evaluator.protocol().to_dict()
+    if labels is not None:
+        protocol.setdefault("sampling", {})["label_distribution"] = args.label_distribution
     write_outputs(Path(args.out), rows, protocol, args.ckpt)
     print(f"\nFID vs NFE for {args.ckpt}\n\n{format_table(rows, columns)}\n")
     print(f"protocol (sampling varies per row):\n{evaluator.protocol().describe()}\n\nwritten to {args.out}")

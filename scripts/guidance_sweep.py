@@ -4,7 +4,8 @@
         --scales 0,1,2,3,5 --num-samples 1000 --baseline outputs/ddpm_mnist_cpu/<date>/<time>/checkpoints/last.ckpt
 
 For each guidance scale w (ε̂ = ε_u + w·(ε_c − ε_u), Ho & Salimans 2022) it draws ``--num-samples`` images with
-balanced labels (``i % num_classes``) and the same noise seed, and measures, under one pinned protocol (the
+balanced labels (``i % num_classes``; ``--label-distribution prior``: the training split's class frequencies)
+and the same noise seed, and measures, under one pinned protocol (the
 domain feature extractor by default): FID, KID, the class coverage of the predicted labels, and the *conditional
 accuracy*, the fraction of samples that the domain classifier assigns to the class asked for. ``--baseline``
 adds an unconditional checkpoint's row under the same protocol, the reference for the quality bar
@@ -22,8 +23,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
-from fid_vs_nfe import extractor_args, make_evaluator, resolve_sampler, sampler_args, write_table
+from fid_vs_nfe import (
+    extractor_args,
+    label_args,
+    make_evaluator,
+    resolve_sampler,
+    sampler_args,
+    sweep_labels,
+    write_table,
+)
 
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row
@@ -39,7 +47,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise SystemExit(f"{args.ckpt} is not a class-conditional model (model.num_classes is null)")
     resolve_sampler(args, model)
     evaluator = make_evaluator(args, args.ckpt)
-    labels = torch.arange(args.num_samples) % model.num_classes
+    labels = sweep_labels(args, model, evaluator)
     options: dict[str, Any] = {"sampler": args.sampler, "num_inference_steps": args.steps,
                                **autocast_kwargs(model, args.autocast)}
     rows = []
@@ -53,6 +61,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append({"model": "unconditional baseline", "guidance_scale": None, **result_row(result)})
         print(f"baseline: fid={rows[-1]['fid']:.3f}", flush=True)
     protocol = evaluator.protocol(options).to_dict()
+    protocol["sampling"]["label_distribution"] = args.label_distribution
     write_outputs(Path(args.out), rows, protocol, args)
     return rows
 
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="an unconditional checkpoint evaluated under the same protocol")
     parser.add_argument("--out", default="outputs/guidance_sweep", help="folder for the CSV, JSON and PNG")
     extractor_args(parser)
+    label_args(parser)
     args = parser.parse_args(argv)
     rows = sweep(args)
     print(f"\nGuidance sweep for {args.ckpt}\n\n{format_table(rows, COLUMNS)}\n\nwritten to {args.out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 from atelier.sampling.guidance import prior_labels
 from atelier.tasks import evaluate, train
 from atelier.tasks.evaluate import evaluation_labels, train_label_counts
+from tests.conftest import ROOT
 from tests.test_evaluate import TINY_RUN, classifier_ckpt, eval_cfg  # noqa: F401  (classifier_ckpt: a fixture)
 
 
@@ -85,3 +87,26 @@ def test_evaluate_samples_a_conditional_model_with_the_training_prior(
     per_class = torch.bincount(drawn[0], minlength=10)
     assert int(per_class.argmax()) == 1 and int(per_class.max()) > n // 10  # not balanced
     assert 0.0 <= result["metrics"]["cond_accuracy"] <= 1.0
+
+    # the sweep scripts take the same choice (--label-distribution), through the same helper
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import guidance_sweep
+
+    from atelier.metrics.evaluator import Evaluator
+
+    asked: list[torch.Tensor] = []
+    real_evaluate = Evaluator.evaluate
+
+    def record(self: Evaluator, model: torch.nn.Module, options: dict) -> dict:
+        asked.append(options["labels"])
+        return real_evaluate(self, model, options)
+
+    monkeypatch.setattr(Evaluator, "evaluate", record)
+    out = tmp_path / "sweep"
+    rows = guidance_sweep.main([str(ckpt), "--scales", "1", "--steps", "2", "--num-samples", "50", "--metrics", "fid",
+                                "--classifier-ckpt", str(classifier_ckpt), "--cache-dir", str(tmp_path / "stats"),
+                                "--label-distribution", "prior", "--out", str(out)])
+    assert len(rows) == 1 and 0.0 <= rows[0]["cond_accuracy"] <= 1.0
+    assert len(asked) == 1 and asked[0].tolist() == prior_labels(50, counts).tolist()
+    record_json = json.loads((out / "guidance_sweep.json").read_text())
+    assert record_json["protocol"]["sampling"]["label_distribution"] == "prior"
