@@ -29,6 +29,7 @@ from fid_vs_nfe import (
     extractor_args,
     label_args,
     make_evaluator,
+    record_labels,
     resolve_sampler,
     row_nfe,
     sampler_args,
@@ -91,9 +92,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append({"guide": guide_path, "autoguidance_scale": w, "guidance_interval": interval, "NFE": nfe,
                          **result_row(result)})
             print(f"guide={Path(guide_path).name} w={w} interval={interval}: fid={rows[-1]['fid']:.3f}", flush=True)
-    protocol = evaluator.protocol({k: v for k, v in options.items() if k != "labels"}).to_dict()
-    if labels is not None:
-        protocol["sampling"]["label_distribution"] = args.label_distribution
+    protocol = record_labels(evaluator.protocol({k: v for k, v in options.items() if k != "labels"}).to_dict(),
+                             args, labels)
     write_outputs(Path(args.out), rows, protocol, args)
     return rows
 

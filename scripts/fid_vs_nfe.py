@@ -94,6 +94,14 @@ def sweep_labels(args: argparse.Namespace, model: Any, evaluator: Evaluator) -> 
     return evaluation_labels(args.label_distribution, args.num_samples, classes, evaluator.datamodule)
 
 
+def record_labels(protocol: dict[str, Any], args: argparse.Namespace, labels: torch.Tensor | None) -> dict[str, Any]:
+    """``protocol`` (an ``EvalProtocol.to_dict()``) with ``sampling.label_distribution`` set when ``labels`` were
+    drawn (class-conditional models)."""
+    if labels is not None:
+        protocol["sampling"]["label_distribution"] = args.label_distribution
+    return protocol
+
+
 def sampler_args(parser: argparse.ArgumentParser, steps_help: str) -> None:
     """``--sampler`` and ``--steps`` of the sweep scripts (both default to the model's own, see
     :func:`resolve_sampler`)."""
@@ -224,9 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append({"sampler": sampler, "NFE": row_nfe(sampler, steps), **result_row(result)})
         print(f"{sampler}-{steps}: fid={result['metrics'].get('fid')}", flush=True)
     columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
-    protocol = evaluator.protocol().to_dict()
-    if labels is not None:
-        protocol.setdefault("sampling", {})["label_distribution"] = args.label_distribution
+    protocol = record_labels(evaluator.protocol().to_dict(), args, labels)
     write_outputs(Path(args.out), rows, protocol, args.ckpt)
     print(f"\nFID vs NFE for {args.ckpt}\n\n{format_table(rows, columns)}\n")
     print(f"protocol (sampling varies per row):\n{evaluator.protocol().describe()}\n\nwritten to {args.out}")

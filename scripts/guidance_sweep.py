@@ -27,6 +27,7 @@ from fid_vs_nfe import (
     extractor_args,
     label_args,
     make_evaluator,
+    record_labels,
     resolve_sampler,
     sampler_args,
     sweep_labels,
@@ -60,8 +61,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         result = evaluator.evaluate(baseline, options)
         rows.append({"model": "unconditional baseline", "guidance_scale": None, **result_row(result)})
         print(f"baseline: fid={rows[-1]['fid']:.3f}", flush=True)
-    protocol = evaluator.protocol(options).to_dict()
-    protocol["sampling"]["label_distribution"] = args.label_distribution
+    protocol = record_labels(evaluator.protocol(options).to_dict(), args, labels)
     write_outputs(Path(args.out), rows, protocol, args)
     return rows
 
