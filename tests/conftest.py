@@ -34,6 +34,7 @@ TINY_DDPM = [
     "model.net.norm_num_groups=8",
     "model.net.dropout=0.0",
     "model.num_inference_steps=2",
+    "model.compile=false",  # the quick recipes compile; a tiny test run would spend its time compiling
 ]
 
 # GAN and VAE nets small enough for a CPU test step in well under a second.

@@ -66,3 +66,38 @@ def test_compiled_training_matches_eager_and_checkpoints_load_eager(tmp_path: Pa
     a = restored.sample(4, generator=torch.Generator().manual_seed(0), sampler="dpmpp_sde", num_inference_steps=5)
     b = compiled.sample(4, generator=torch.Generator().manual_seed(0), sampler="dpmpp_sde", num_inference_steps=5)
     assert a.shape == (4, 1, 8, 8) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_without_a_cpp_compiler_the_network_stays_eager(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """TorchInductor's own compiler search finds nothing: ``configure_model`` warns and leaves the network eager
+    (it would otherwise fail at the first step with InvalidCxxCompiler)."""
+    import torch._inductor.config as inductor_config
+
+    from atelier.utils.compile import missing_cpu_compiler
+
+    assert missing_cpu_compiler() is None  # this machine has one (the slow compile test above needs it too)
+    monkeypatch.delenv("CXX", raising=False)
+    with inductor_config.patch({"cpp.cxx": ("atelier-no-such-compiler++",)}):  # restored on exit
+        message = missing_cpu_compiler()
+        assert message is not None and "no C++ compiler" in message and "g++" in message
+        model = tiny_ddpm(True)
+        with caplog.at_level("WARNING", logger="atelier.models.ddpm"):
+            model.configure_model()
+    assert missing_cpu_compiler() is None
+    assert getattr(model.net, "_compiled_call_impl", None) is None
+    assert "model.compile=true but TorchInductor found no C++ compiler" in caplog.text
+
+
+def test_validation_of_a_compiled_network_runs_eagerly(tmp_path: Path) -> None:
+    """Validation's path (the network's forward called directly, so that no-grad eval mode does not recompile the
+    graph) computes the same loss as an uncompiled model with the same weights and noise."""
+    model = tiny_ddpm(True)
+    model.configure_model()
+    assert getattr(model.net, "_compiled_call_impl", None) is not None
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        eager = model.diffusion_loss(x, torch.Generator().manual_seed(0), net=model.net.forward)
+        default = tiny_ddpm(False).diffusion_loss(x, torch.Generator().manual_seed(0))
+    assert eager.shape == () and torch.isfinite(eager)
+    assert float(eager) == pytest.approx(float(default), rel=1e-5)  # same weights (seed 0), same noise

@@ -3,6 +3,7 @@ preconditioning and loss (Karras et al. 2022; :mod:`atelier.sampling.edm`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,13 @@ from atelier.models.optim import OptimizerFactory, SchedulerFactory, optimizers_
 from atelier.sampling.edm import EDM_SAMPLERS, EDMConfig, edm_loss
 from atelier.sampling.guidance import drop_labels
 from atelier.sampling.schedulers import SAMPLERS
+from atelier.utils.compile import missing_cpu_compiler
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 PARAMETERIZATIONS = ("ddpm", "edm")
+
+log = logging.getLogger(__name__)
 
 
 def _check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -89,8 +93,9 @@ class DDPM(LightningModule):
         s_churn: EDM's ``S_churn`` for the ``edm_heun`` sampler (0: deterministic Heun).
         compile: compile the training network with ``torch.compile`` (``nn.Module.compile``, in place, so the
             ``state_dict`` keys and checkpoints are unchanged) when Lightning calls :meth:`configure_model`. The
-            EMA copy that samples stays eager. The first steps pay the compile time;
-            measure the gain with ``scripts/bench_train.py --compile`` on the machine at hand.
+            EMA copy that samples stays eager, and so does validation (the network's forward called directly).
+            The first steps pay the compile time; measure the gain with ``scripts/bench_train.py --compile`` on
+            the machine at hand. Without a C++ compiler (CPU) the network stays eager, with a warning.
 
     Raises:
         ValueError: for a ``beta_schedule``, ``prediction_type`` or ``sampler`` outside the allowed values, a
@@ -182,9 +187,18 @@ class DDPM(LightningModule):
         return net(x, t, class_labels=labels).sample
 
     def configure_model(self) -> None:
-        """Compile the training network in place when ``compile=True`` (once; Lightning calls this per stage)."""
-        if self.hparams.get("compile", False) and getattr(self.net, "_compiled_call_impl", None) is None:
-            self.net.compile()
+        """Compile the training network in place when ``compile=True`` (once; Lightning calls this per stage).
+
+        Without a C++ compiler (which TorchInductor needs on the CPU) the network stays eager, with one warning.
+        """
+        if not self.hparams.get("compile", False) or getattr(self.net, "_compiled_call_impl", None) is not None:
+            return
+        missing = missing_cpu_compiler() if not any(p.is_cuda for p in self.net.parameters()) else None
+        if missing:
+            log.warning("model.compile=true but %s; training the network eagerly (model.compile=false "
+                        "silences this)", missing)
+            return
+        self.net.compile()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -195,20 +209,22 @@ class DDPM(LightningModule):
 
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, x0: torch.Tensor, generator: torch.Generator | None = None,
-                       labels: torch.Tensor | None = None) -> torch.Tensor:
+                       labels: torch.Tensor | None = None, net: Any = None) -> torch.Tensor:
         """Per-batch diffusion loss for clean images ``x0`` ``(B, C, H, W)`` in ``[-1, 1]``; returns a scalar.
 
-        ``labels`` ``(B,)`` int64 (conditional models; already label-dropped) condition the prediction. With
-        ``parameterization=edm`` this is :func:`atelier.sampling.edm.edm_loss`.
+        ``labels`` ``(B,)`` int64 (conditional models; already label-dropped) condition the prediction. ``net``
+        (default: the training network) is what predicts; validation passes the eager forward of a compiled
+        network. With ``parameterization=edm`` this is :func:`atelier.sampling.edm.edm_loss`.
         """
+        net = self.net if net is None else net
         if self.edm is not None:
-            return edm_loss(lambda x, c_noise: self.predict(self.net, x, c_noise, labels), x0, self.edm, generator)
+            return edm_loss(lambda x, c_noise: self.predict(net, x, c_noise, labels), x0, self.edm, generator)
         b = x0.shape[0]
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.hparams.num_train_timesteps, (b,), device="cpu", generator=generator)
         t = t.to(x0.device)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        pred = self.predict(self.net, x_t, t, labels)
+        pred = self.predict(net, x_t, t, labels)
         kind = self.hparams.prediction_type
         if kind == "epsilon":
             target = noise
@@ -249,7 +265,9 @@ class DDPM(LightningModule):
         # Fixed noise and timesteps per batch, so val/loss is comparable between evaluations.
         generator = torch.Generator().manual_seed(batch_idx)
         x0, labels = self._batch(batch, generator)
-        loss = self.diffusion_loss(x0, generator, labels)
+        # A compiled network's forward called directly runs eagerly: validation's no-grad eval mode would otherwise
+        # recompile the graph (~25 s on a 2-core CPU) for 8 batches every 500 steps.
+        loss = self.diffusion_loss(x0, generator, labels, net=self.net.forward)
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         return loss
 
