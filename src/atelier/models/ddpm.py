@@ -4,7 +4,7 @@ preconditioning and loss (Karras et al. 2022; :mod:`atelier.sampling.edm`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,8 @@ class DDPM(LightningModule):
         """
         if not self.hparams.get("compile", False) or getattr(self.net, "_compiled_call_impl", None) is not None:
             return
-        missing = missing_cpu_compiler() if not any(p.is_cuda for p in self.net.parameters()) else None
+        # Lightning calls this before moving the module to its device, and Triton (GPU) needs a C compiler too
+        missing = missing_cpu_compiler()
         if missing:
             log.warning("model.compile=true but %s; training the network eagerly (model.compile=false "
                         "silences this)", missing)
@@ -209,7 +210,7 @@ class DDPM(LightningModule):
 
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, x0: torch.Tensor, generator: torch.Generator | None = None,
-                       labels: torch.Tensor | None = None, net: Any = None) -> torch.Tensor:
+                       labels: torch.Tensor | None = None, net: Callable[..., Any] | None = None) -> torch.Tensor:
         """Per-batch diffusion loss for clean images ``x0`` ``(B, C, H, W)`` in ``[-1, 1]``; returns a scalar.
 
         ``labels`` ``(B,)`` int64 (conditional models; already label-dropped) condition the prediction. ``net``
