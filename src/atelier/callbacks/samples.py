@@ -33,9 +33,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 
 def class_rows(model: Any, n: int) -> int | None:
-    """Images per grid row that put one class per row for a conditional ``model`` (``None`` if unconditional)."""
+    """Images per grid row that put one class per row for a conditional ``model``; ``None`` (the square default)
+    for an unconditional one, and for one with so many classes (e.g. 100 k-means clusters) that a row per class
+    would be narrower than half the square grid: its consecutive classes then fill the rows of a square grid."""
     classes = getattr(model, "num_classes", None)
-    return math.ceil(n / classes) if isinstance(classes, int) and classes > 0 else None
+    if not isinstance(classes, int) or classes <= 0:
+        return None
+    per_class = math.ceil(n / classes)
+    return per_class if per_class >= round(n ** 0.5) / 2 else None
 
 
 class SampleGrid(Callback):
@@ -43,7 +48,7 @@ class SampleGrid(Callback):
     ``pl_module.sample(n, generator=...)`` with the same seed, save ``step_XXXXXXX.png`` under ``dirpath`` and
     log it to W&B (key ``samples``) and TensorBoard. Runs on rank zero only. For class-conditional modules
     (an integer ``num_classes`` attribute) the grid has ``ceil(num_samples / num_classes)`` images per row, and
-    the modules' default labels put one class on each row.
+    the modules' default labels put one class on each row (with many classes, a square grid: :func:`class_rows`).
 
     When the module has ``visualizations(generator, images)`` (GAN, VAE, the image-to-image models), its extra
     grids (latent interpolations, reconstructions, restorations or stylisations of a fixed batch of validation

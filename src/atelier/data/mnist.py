@@ -10,17 +10,19 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import MNIST
 
+from atelier.data.clusters import cluster_purity, kmeans_labels
 from atelier.data.loaders import make_loader
 from atelier.data.transforms import mnist_transform
 
 log = logging.getLogger(__name__)
 
+LABEL_SOURCES = ("digits", "kmeans")
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class MNISTDataModule(LightningDataModule):
     """MNIST digits as ``(image, label)``: image ``(channels, image_size, image_size)`` float32 in ``[-1, 1]``,
-    label int64 in ``0..9``.
+    label int64 in ``0..9`` (or a k-means cluster id, ``labels=kmeans``).
 
     Reads ``<data_dir>/MNIST/raw`` (torchvision's layout, ``.gz`` or uncompressed). Downloads only when those
     files are absent and ``download`` is true. The 60k training set is split into train/val with a generator
@@ -35,13 +37,16 @@ class MNISTDataModule(LightningDataModule):
         num_workers: DataLoader workers.
         seed: seed of the train/val split.
         download: allow downloading when the files are absent.
+        labels: ``digits`` (the MNIST labels) or ``kmeans``: the 60k training images' k-means cluster ids
+            (:func:`atelier.data.clusters.kmeans_labels`, computed in ``setup`` without the digit labels, seeded
+            by ``seed``) replace the labels of the train and val splits, for self-labelled conditioning; the test
+            set keeps its digits. ``num_classes`` is then ``num_clusters``.
+        num_clusters: clusters for ``labels=kmeans``.
 
     Raises:
-        ValueError: for ``channels`` not in (1, 3) or a non-positive size.
+        ValueError: for ``channels`` not in (1, 3), a non-positive size, or ``labels`` not in (digits, kmeans).
         FileNotFoundError: when the files are absent and ``download`` is false, naming the folder and the key.
     """
-
-    num_classes = 10
 
     def __init__(
         self,
@@ -54,6 +59,8 @@ class MNISTDataModule(LightningDataModule):
         seed: int = 0,
         download: bool = True,
         pin_memory: bool = False,
+        labels: str = "digits",
+        num_clusters: int = 100,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -62,12 +69,21 @@ class MNISTDataModule(LightningDataModule):
             raise ValueError(f"data.image_size must be positive, got {image_size}")
         if not 0 < val_size < 60000:
             raise ValueError(f"data.val_size must be in 1..59999, got {val_size}")
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"data.labels={labels!r} is not allowed; choose one of {list(LABEL_SOURCES)}")
+        if labels == "kmeans" and not 2 <= num_clusters <= 1000:
+            raise ValueError(f"data.num_clusters must be in 2..1000 for data.labels=kmeans, got {num_clusters}")
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir).expanduser()
         self.transform = mnist_transform(image_size, channels)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the labels the batches carry: 10 digits, or ``num_clusters`` for ``labels=kmeans``."""
+        return int(self.hparams.num_clusters) if self.hparams.labels == "kmeans" else 10
 
     @property
     def raw_dir(self) -> Path:
@@ -104,6 +120,12 @@ class MNISTDataModule(LightningDataModule):
         if not self.files_present():
             self.prepare_data()
         full = MNIST(str(self.data_dir), train=True, transform=self.transform, download=False)
+        if self.hparams.labels == "kmeans":
+            digits = full.targets
+            full.targets = kmeans_labels(full.data, self.hparams.num_clusters, seed=self.hparams.seed)
+            log.info("data.labels=kmeans: %d k-means clusters of the 60k training images replace the digit labels "
+                     "(purity against the digits %.3f, a diagnostic: the digits are not used)",
+                     self.hparams.num_clusters, cluster_purity(full.targets, digits))
         n_val = self.hparams.val_size
         generator = torch.Generator().manual_seed(self.hparams.seed)
         self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=generator)

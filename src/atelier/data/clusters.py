@@ -1,0 +1,53 @@
+"""Pseudo-labels from unlabelled images: k-means clusters for self-labelled conditioning of generative models."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+
+
+def kmeans_labels(images: torch.Tensor, num_clusters: int, seed: int = 0, pca_dim: int = 50,
+                  n_init: int = 3) -> torch.Tensor:
+    """Cluster images without their labels: ``(N,)`` int64 cluster ids in ``[0, num_clusters)``.
+
+    Pixels are flattened, scaled to ``[0, 1]`` (uint8 input) or taken as they are (float input), projected on
+    their first ``pca_dim`` principal components (scikit-learn ``PCA``) and clustered by k-means (scikit-learn
+    ``KMeans``, k-means++ initialisation, the best of ``n_init`` runs), both seeded by ``seed`` so the same images
+    give the same ids. A conditional generative model trained on these ids and sampled with ids drawn from the
+    clusters' frequencies draws from the unconditional data distribution while modelling one cluster at a time:
+    self-labelled conditioning (Hu et al. 2023, "Self-Guided Diffusion Models", which cluster self-supervised
+    features; here pixel space, which needs no pretrained network).
+
+    Args:
+        images: ``(N, ...)`` uint8 in ``[0, 255]`` or float, one image per row (e.g. MNIST ``(N, 28, 28)``).
+        num_clusters: number of clusters ``k``.
+        seed: random state of the PCA solver and of k-means.
+        pca_dim: principal components kept (capped at the pixel count and at ``N``).
+        n_init: k-means restarts; the run with the lowest inertia wins.
+
+    Raises:
+        ValueError: for ``num_clusters`` outside ``[2, N]`` or fewer than 2 images.
+    """
+    n = int(images.shape[0])
+    if n < 2 or not 2 <= num_clusters <= n:
+        raise ValueError(f"num_clusters={num_clusters} must lie in [2, {n}] (the number of images)")
+    x = images.reshape(n, -1)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    data = x.cpu().numpy().astype(np.float32)
+    dims = min(pca_dim, data.shape[1], n)
+    z = PCA(dims, random_state=seed).fit_transform(data) if dims < data.shape[1] else data
+    ids = KMeans(num_clusters, n_init=n_init, random_state=seed).fit_predict(z)
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def cluster_purity(clusters: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of images whose cluster's most common label is their own label, in ``[0, 1]`` (1: every
+    cluster holds one class). ``clusters`` and ``labels`` are ``(N,)`` int64; a diagnostic only, the labels are
+    not used to form the clusters."""
+    clusters, labels = clusters.long(), labels.long()
+    if clusters.shape != labels.shape or clusters.numel() == 0:
+        raise ValueError(f"clusters {tuple(clusters.shape)} and labels {tuple(labels.shape)} must be equal, non-empty")
+    majority = sum(int(torch.bincount(labels[clusters == c]).max()) for c in clusters.unique())
+    return majority / clusters.numel()
