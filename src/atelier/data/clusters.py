@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
 
 
 def kmeans_labels(images: torch.Tensor, num_clusters: int, seed: int = 0, pca_dim: int = 50,
@@ -30,6 +28,9 @@ def kmeans_labels(images: torch.Tensor, num_clusters: int, seed: int = 0, pca_di
     Raises:
         ValueError: for ``num_clusters`` outside ``[2, N]`` or fewer than 2 images.
     """
+    from sklearn.cluster import KMeans  # only clustering needs scikit-learn, not every MNIST run
+    from sklearn.decomposition import PCA
+
     n = int(images.shape[0])
     if n < 2 or not 2 <= num_clusters <= n:
         raise ValueError(f"num_clusters={num_clusters} must lie in [2, {n}] (the number of images)")
