@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from atelier.callbacks.samples import class_rows
@@ -14,7 +14,7 @@ from atelier.data.clusters import cluster_purity, kmeans_labels
 from atelier.data.mnist import MNISTDataModule
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task
-from atelier.tasks.evaluate import evaluation_labels, train_label_counts
+from atelier.tasks.evaluate import evaluation_labels, label_choice, train_label_counts
 from tests.conftest import TINY_DDPM, compose_cfg
 
 
@@ -97,9 +97,13 @@ def test_kmeans_experiment_trains_and_samples(tmp_path: Path, mnist_available: P
         "~callbacks.model_summary", "callbacks.sample_grid.num_samples=16", "callbacks.sample_grid.every_n_steps=0",
         "export_pipeline=false"], tmp_path)
     assert cfg.model.num_classes == 20 and cfg.data.labels == "kmeans"
+    assert cfg.model.guidance_scale == 1.2 and cfg.sampling.label_distribution == "prior"
     metrics = train_task.run(cfg)
     assert metrics["global_step"] == 2
     model = sample_task.load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert model.num_classes == 20 and model.net.class_embedding.num_embeddings == 21
+    # evaluate.py samples the clusters by their frequencies unless told otherwise (the recipe's sampling default)
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    assert label_choice(OmegaConf.create({"ckpt_path": ckpt, "label_distribution": None})) == "prior"
     # 16 samples, 20 clusters: a square 4 x 4 grid of 16 px images with 2 px padding
     assert Image.open(tmp_path / "samples" / "final.png").size == (4 * 18 + 2, 4 * 18 + 2)

@@ -110,3 +110,19 @@ def test_evaluate_samples_a_conditional_model_with_the_training_prior(
     assert len(asked) == 1 and asked[0].tolist() == prior_labels(50, counts).tolist()
     record_json = json.loads((out / "guidance_sweep.json").read_text())
     assert record_json["protocol"]["sampling"]["label_distribution"] == "prior"
+
+
+def test_label_choice_follows_the_command_line_then_the_recipe(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from atelier.callbacks.checkpoint_extras import CONFIG_KEY
+    from atelier.tasks.evaluate import label_choice
+
+    recipe, plain = tmp_path / "recipe.ckpt", tmp_path / "plain.ckpt"
+    torch.save({CONFIG_KEY: {"sampling": {"label_distribution": "prior"}}}, recipe)
+    torch.save({CONFIG_KEY: {"sampling": None}}, plain)
+    cfg = lambda path, choice: OmegaConf.create({"ckpt_path": str(path), "label_distribution": choice})  # noqa: E731
+    assert label_choice(cfg(recipe, None)) == "prior"  # the recipe's default (ddpm_kmeans_mnist_cpu)
+    assert label_choice(cfg(recipe, "balanced")) == "balanced"  # the command line wins
+    assert label_choice(cfg(plain, None)) == "balanced"  # no recipe default
+    assert label_choice(cfg(plain, "prior")) == "prior"

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from atelier.callbacks.checkpoint_extras import CONFIG_KEY
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.guidance import prior_labels
 from atelier.sampling.loop import autocast_kwargs
@@ -78,6 +79,17 @@ def train_label_counts(datamodule: L.LightningDataModule, num_classes: int) -> t
     if targets.numel() == 0 or int(targets.min()) < 0 or int(targets.max()) >= num_classes:
         raise ValueError(f"training labels must lie in [0, {num_classes}); got {targets.unique().tolist()[:20]}")
     return torch.bincount(targets, minlength=num_classes)
+
+
+def label_choice(cfg: DictConfig) -> str:
+    """The label distribution an evaluation samples a conditional model with: ``label_distribution`` when set,
+    else the recipe's ``sampling.label_distribution`` stored in the checkpoint (``ddpm_kmeans_mnist_cpu`` asks
+    for ``prior``: its clusters are sampled by their frequencies), else ``balanced``."""
+    if cfg.get("label_distribution") is not None:
+        return str(cfg.label_distribution)
+    checkpoint = torch.load(Path(cfg.ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    recipe = (checkpoint.get(CONFIG_KEY, {}).get("sampling") or {}).get("label_distribution")
+    return str(recipe) if recipe is not None else "balanced"
 
 
 def evaluation_labels(choice: str, n: int, num_classes: int, datamodule: L.LightningDataModule) -> torch.Tensor:
@@ -149,14 +161,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sample_kwargs.update(guide_kwargs(model, cfg))
     classes = getattr(model, "num_classes", None)
     if isinstance(classes, int):  # conditional: labels as asked, and the classifier's conditional accuracy
-        sample_kwargs["labels"] = evaluation_labels(cfg.get("label_distribution", "balanced"), int(cfg.num_samples),
-                                                    classes, datamodule)
+        labels_from = label_choice(cfg)
+        sample_kwargs["labels"] = evaluation_labels(labels_from, int(cfg.num_samples), classes, datamodule)
     try:
         result = evaluator.evaluate(model, sample_kwargs)
         if "guide" in sample_kwargs:
             result["protocol"]["sampling"]["guide"] = guide_choice(cfg)[0]
         if "labels" in sample_kwargs:
-            result["protocol"]["sampling"]["label_distribution"] = cfg.get("label_distribution", "balanced")
+            result["protocol"]["sampling"]["label_distribution"] = labels_from
         result.update(ckpt_path=str(cfg.ckpt_path), model=type(model).__name__, params=sampling_params(model),
                       run_info=run_info(int(cfg.seed)))
         row = {"model": result["model"], "params": result["params"], **result_row(result)}
