@@ -14,11 +14,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from atelier.callbacks.checkpoint_extras import CONFIG_KEY
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.guidance import prior_labels
 from atelier.sampling.loop import autocast_kwargs
-from atelier.tasks.sample import guide_choice, guide_kwargs, interval_option, load_module, stored_config
+from atelier.tasks.sample import (
+    guide_choice,
+    guide_kwargs,
+    interval_option,
+    load_module,
+    recipe_sampling,
+    stored_config,
+)
 from atelier.utils.config import instantiate_group, run_info, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
@@ -88,7 +94,7 @@ def label_choice(cfg: DictConfig) -> str:
     if cfg.get("label_distribution") is not None:
         return str(cfg.label_distribution)
     checkpoint = torch.load(Path(cfg.ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
-    recipe = (checkpoint.get(CONFIG_KEY, {}).get("sampling") or {}).get("label_distribution")
+    recipe = recipe_sampling(checkpoint).get("label_distribution")
     return str(recipe) if recipe is not None else "balanced"
 
 

@@ -69,6 +69,11 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu",
     return model
 
 
+def recipe_sampling(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``sampling`` defaults that training stored in ``checkpoint`` (``{}`` when it stored none)."""
+    return dict(checkpoint.get(CONFIG_KEY, {}).get("sampling") or {})
+
+
 def recipe_guide(ckpt_path: str | Path) -> tuple[str, float] | None:
     """The guide checkpoint and weight that the run's recipe asks for, or ``None`` when it asks for none.
 
@@ -82,7 +87,7 @@ def recipe_guide(ckpt_path: str | Path) -> tuple[str, float] | None:
     """
     path = Path(ckpt_path).expanduser()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    wanted = (checkpoint.get(CONFIG_KEY, {}).get("sampling") or {}).get("autoguidance")
+    wanted = recipe_sampling(checkpoint).get("autoguidance")
     if not wanted:
         return None
     main_step = int(checkpoint.get("global_step", 0))
