@@ -6,10 +6,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
+from atelier.data.clusters import cluster_purity, kmeans_labels
 from atelier.data.image_io import IMAGE_EXTENSIONS, find_images, load_rgb, split_readable
 from atelier.data.loaders import make_loader
 from atelier.data.transforms import art_transform
@@ -18,6 +20,18 @@ log = logging.getLogger(__name__)
 
 # re-exported: the folder readers (style images, restoration inputs) import them from here
 __all__ = ["IMAGE_EXTENSIONS", "ArtFolderDataModule", "ImageFolderDataset", "find_images", "split_readable"]
+
+LABEL_SOURCES = ("folders", "kmeans")
+
+
+def fitted_pixels(paths: list[Path], size: int, cache_dir: Path | None = None) -> torch.Tensor:
+    """``(N, size, size, 3)`` uint8 in ``[0, 255]``: each file read by :func:`atelier.data.image_io.load_rgb` and
+    fitted to ``size`` px (through the image cache when ``cache_dir`` is given).
+
+    Raises:
+        atelier.data.image_io.UnreadableImageError: for a file that cannot be decoded, naming it.
+    """
+    return torch.from_numpy(np.stack([np.asarray(load_rgb(p, size, cache_dir)) for p in paths]))
 
 
 class ImageFolderDataset(Dataset):
@@ -78,6 +92,12 @@ class ArtFolderDataModule(LightningDataModule):
     (short side) and centre-cropped to ``image_size``, and flipped horizontally at random for training.
     Unreadable or corrupt files are skipped and reported once (count and names) at setup.
 
+    With ``labels=kmeans`` the label is not the subfolder but the image's k-means cluster
+    (:func:`atelier.data.clusters.kmeans_labels` on the images fitted to ``cluster_image_size`` px, all files,
+    seeded by ``seed``; the same ids at any training size), for self-labelled conditioning (Hu et al. 2023):
+    ``num_classes`` is then ``num_clusters`` and ``classes`` are ``cluster00, cluster01, ...``. One log line gives
+    the clusters' purity against the subfolders (a diagnostic; the subfolders are not used).
+
     With ``cache`` the fitted ``image_size`` px images (before flips) are written once as PNGs under
     ``cache_dir/<image_size>px/`` and read from there afterwards; an entry is rebuilt when its file's size or
     mtime changes. Worth it when decoding dominates the step time (large scans, TIFFs).
@@ -97,11 +117,15 @@ class ArtFolderDataModule(LightningDataModule):
         cache: cache the fitted images on disk (config key ``data.cache``).
         cache_dir: the cache folder (config key ``data.cache_dir``; ``configs/data/art.yaml``:
             ``${paths.log_dir}/image_cache``).
+        labels: ``folders`` (the subfolder index) or ``kmeans`` (cluster ids, see above).
+        num_clusters: clusters for ``labels=kmeans``.
+        cluster_image_size: the size in px the images are clustered at for ``labels=kmeans``.
 
     Raises:
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
-        ValueError: for ``channels`` not in (1, 3), a ``val_fraction`` outside ``[0, 1)`` or ``cache`` without a
-            ``cache_dir``.
+        ValueError: for ``channels`` not in (1, 3), a ``val_fraction`` outside ``[0, 1)``, ``cache`` without a
+            ``cache_dir``, ``labels`` not in (folders, kmeans), or ``num_clusters`` outside ``[2, 1000]`` (and, at
+            setup, above the number of images).
         OSError: when ``cache_dir`` cannot be written (at setup with ``check_images``, else while loading).
     """
 
@@ -119,6 +143,9 @@ class ArtFolderDataModule(LightningDataModule):
         pin_memory: bool = False,
         cache: bool = False,
         cache_dir: str | None = None,
+        labels: str = "folders",
+        num_clusters: int = 30,
+        cluster_image_size: int = 32,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -127,6 +154,10 @@ class ArtFolderDataModule(LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir (a writable folder for the resized images)")
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"data.labels={labels!r} is not allowed; choose one of {list(LABEL_SOURCES)}")
+        if labels == "kmeans" and not 2 <= num_clusters <= 1000:
+            raise ValueError(f"data.num_clusters must be in 2..1000 for data.labels=kmeans, got {num_clusters}")
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
@@ -160,6 +191,8 @@ class ArtFolderDataModule(LightningDataModule):
         train_full = ImageFolderDataset(self.root, paths, art_transform(size, hp.channels, hp.hflip), size, cache)
         val_full = ImageFolderDataset(self.root, paths, art_transform(size, hp.channels, hflip=False), size, cache)
         self.classes = train_full.classes
+        if hp.labels == "kmeans":
+            self._use_clusters(paths, train_full, val_full)
         n_val = round(len(paths) * hp.val_fraction)
         if n_val == 0 or n_val >= len(paths):
             n_val = min(1, len(paths) - 1) if hp.val_fraction > 0 else 0
@@ -167,6 +200,22 @@ class ArtFolderDataModule(LightningDataModule):
         train_idx, val_idx = random_split(range(len(paths)), [len(paths) - n_val, n_val], generator=generator)
         self.train_set = Subset(train_full, list(train_idx))
         self.val_set = Subset(val_full, list(val_idx)) if n_val else Subset(val_full, list(train_idx)[:1])
+
+    def _use_clusters(self, paths: list[Path], *datasets: ImageFolderDataset) -> None:
+        """Replace the folder labels of ``datasets`` (same ``paths``) by k-means cluster ids."""
+        hp = self.hparams
+        if hp.num_clusters > len(paths):
+            raise ValueError(f"data.num_clusters={hp.num_clusters} exceeds the {len(paths)} images under {self.root}")
+        clusters = kmeans_labels(fitted_pixels(paths, hp.cluster_image_size, self.cache_dir), hp.num_clusters,
+                                 seed=hp.seed)
+        purity = cluster_purity(clusters, torch.as_tensor(datasets[0].targets))
+        for dataset in datasets:
+            dataset.targets = clusters.tolist()
+            dataset.classes = [f"cluster{i:02d}" for i in range(hp.num_clusters)]
+        self.classes = datasets[0].classes
+        log.info("data.labels=kmeans: %d k-means clusters of the %d images (at %d px) replace the folder labels "
+                 "(purity against the folders %.3f, a diagnostic: the folders are not used)", hp.num_clusters,
+                 len(paths), hp.cluster_image_size, purity)
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,120 @@
+"""Self-labelled conditioning on a folder of images: k-means clusters replace the subfolder labels, on files the
+test writes and on the real paintings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from atelier.data.art_folder import ArtFolderDataModule
+from atelier.data.clusters import cluster_purity
+from atelier.tasks import sample as sample_task
+from atelier.tasks import train as train_task
+from atelier.tasks.evaluate import evaluation_labels, label_choice, train_label_counts
+from tests.conftest import DATA_DIR, TINY_DDPM, compose_cfg
+
+COLOURS = ((220, 30, 30), (30, 200, 40), (40, 60, 230))
+
+
+def colour_folder(root: Path, per_colour: int = 8) -> dict[str, int]:
+    """Write ``3 per_colour`` noisy 24 px PNGs of three colours, spread over two subfolders (``a``, ``b``) so that
+    folders and colours disagree; return each file's name → its colour index."""
+    g = torch.Generator().manual_seed(0)
+    kinds: dict[str, int] = {}
+    for i in range(3 * per_colour):
+        colour = i % 3
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        noise = torch.randint(-25, 26, (24, 24, 3), generator=g)
+        pixels = (torch.tensor(COLOURS[colour]) + noise).clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+        kinds[f"img{i:02d}.png"] = colour
+    return kinds
+
+
+def all_labels(dm: ArtFolderDataModule) -> dict[str, int]:
+    """File name → label over the whole folder (train and val splits share one list of paths)."""
+    full = dm.train_set.dataset
+    return {p.name: int(t) for p, t in zip(full.paths, full.targets, strict=True)}
+
+
+def test_kmeans_labels_follow_the_colours_not_the_folders(tmp_path: Path) -> None:
+    kinds = colour_folder(tmp_path / "art")
+    args = {"root": str(tmp_path / "art"), "batch_size": 4, "val_fraction": 0.25, "hflip": False}
+    folders = ArtFolderDataModule(**args, image_size=16)
+    folders.setup()
+    assert folders.num_classes == 2 and folders.classes == ["a", "b"]
+    dm = ArtFolderDataModule(**args, image_size=16, labels="kmeans", num_clusters=3, cluster_image_size=8)
+    dm.setup()
+    assert dm.num_classes == 3 and dm.classes == ["cluster00", "cluster01", "cluster02"]
+    labels = all_labels(dm)
+    names = sorted(labels)
+    ids = torch.tensor([labels[n] for n in names])
+    colours = torch.tensor([kinds[n] for n in names])
+    assert set(ids.tolist()) == {0, 1, 2} and cluster_purity(ids, colours) == 1.0  # one colour per cluster
+    # the val split carries cluster ids too, and a batch's labels lie in [0, 3)
+    assert dm.val_set.dataset.targets == dm.train_set.dataset.targets
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < 3
+    # clustered at cluster_image_size: another training size gives the same ids (a 32 px evaluation of a 16 px run)
+    other = ArtFolderDataModule(**args, image_size=20, labels="kmeans", num_clusters=3, cluster_image_size=8)
+    other.setup()
+    assert all_labels(other) == labels
+    assert train_label_counts(dm, 3).sum() == 18
+
+
+def test_bad_cluster_settings_name_the_key(tmp_path: Path) -> None:
+    colour_folder(tmp_path / "art", per_colour=2)
+    root = str(tmp_path / "art")
+    allowed = r"data\.labels='artists' is not allowed; choose one of \['folders', 'kmeans'\]"
+    with pytest.raises(ValueError, match=allowed):
+        ArtFolderDataModule(root, labels="artists")
+    with pytest.raises(ValueError, match=r"data\.num_clusters must be in 2\.\.1000"):
+        ArtFolderDataModule(root, labels="kmeans", num_clusters=1)
+    dm = ArtFolderDataModule(root, image_size=8, labels="kmeans", num_clusters=7)
+    with pytest.raises(ValueError, match=r"data\.num_clusters=7 exceeds the 6 images"):
+        dm.setup()
+
+
+def test_real_paintings_cluster_and_prior_labels_follow_them() -> None:
+    root = DATA_DIR / "art"
+    if not any(root.glob("*/*.jpg")):
+        pytest.fail(f"the art folder is needed in {root}: set ATELIER_DATA_DIR to ../shared/data")
+    dm = ArtFolderDataModule(str(root), image_size=32, batch_size=8, labels="kmeans", num_clusters=30,
+                             check_images=False)
+    dm.setup()
+    counts = train_label_counts(dm, 30)
+    assert counts.sum() == len(dm.train_set) and bool((counts > 0).all())  # every cluster in the training split
+    full = dm.train_set.dataset
+    artists = ArtFolderDataModule(str(root), image_size=32, check_images=False)
+    artists.setup()
+    purity = cluster_purity(torch.tensor(full.targets), torch.tensor(artists.train_set.dataset.targets))
+    # the clusters are palettes and layouts, not the artists (0.52 at 30 clusters; the folder labels would give 1)
+    assert purity < 0.9
+    labels = evaluation_labels("prior", 600, 30, dm)
+    assert ((torch.bincount(labels, minlength=30) - counts / counts.sum() * 600).abs() < 1).all()
+
+
+def test_kmeans_art_experiment_trains_and_samples(tmp_path: Path) -> None:
+    """The recipe composes (model.num_classes follows data.num_clusters), trains a tiny run, and evaluate.py's
+    default label distribution for it is the clusters' prior."""
+    cfg: DictConfig = compose_cfg("train", [
+        "experiment=ddpm_kmeans_art_cpu", "data.num_clusters=16", "logger=csv", "print_config=false", *TINY_DDPM,
+        "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "data.cache=false",
+        "data.check_images=false", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+        "trainer.val_check_interval=2", "~callbacks.time_budget", "~callbacks.rich_progress_bar",
+        "~callbacks.model_summary", "callbacks.sample_grid.num_samples=16", "callbacks.sample_grid.every_n_steps=0",
+        "export_pipeline=false"], tmp_path)
+    assert cfg.model.num_classes == 16 and cfg.data.labels == "kmeans" and cfg.sampling.label_distribution == "prior"
+    assert train_task.run(cfg)["global_step"] == 2
+    model = sample_task.load_module(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.num_classes == 16 and model.net.class_embedding.num_embeddings == 17  # + the null class
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    assert label_choice(OmegaConf.create({"ckpt_path": ckpt, "label_distribution": None})) == "prior"
+    # 16 samples of 16 clusters: a square 4 x 4 grid of 16 px RGB images with 2 px padding
+    grid = Image.open(tmp_path / "samples" / "final.png")
+    assert grid.size == (4 * 18 + 2, 4 * 18 + 2) and grid.mode == "RGB"
