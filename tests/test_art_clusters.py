@@ -110,6 +110,7 @@ def test_kmeans_art_experiment_trains_and_samples(tmp_path: Path) -> None:
         "~callbacks.model_summary", "callbacks.sample_grid.num_samples=16", "callbacks.sample_grid.every_n_steps=0",
         "export_pipeline=false"], tmp_path)
     assert cfg.model.num_classes == 16 and cfg.data.labels == "kmeans" and cfg.sampling.label_distribution == "prior"
+    assert cfg.model.guidance_scale == 3.0  # cluster guidance, stronger than the artist recipe's 2.0
     assert train_task.run(cfg)["global_step"] == 2
     model = sample_task.load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert model.num_classes == 16 and model.net.class_embedding.num_embeddings == 17  # + the null class
