@@ -11,7 +11,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
-from atelier.data.clusters import cluster_purity, kmeans_labels
+from atelier.data.clusters import check_label_source, cluster_purity, kmeans_labels
 from atelier.data.image_io import IMAGE_EXTENSIONS, find_images, load_rgb, split_readable
 from atelier.data.loaders import make_loader
 from atelier.data.transforms import art_transform
@@ -154,10 +154,7 @@ class ArtFolderDataModule(LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir (a writable folder for the resized images)")
-        if labels not in LABEL_SOURCES:
-            raise ValueError(f"data.labels={labels!r} is not allowed; choose one of {list(LABEL_SOURCES)}")
-        if labels == "kmeans" and not 2 <= num_clusters <= 1000:
-            raise ValueError(f"data.num_clusters must be in 2..1000 for data.labels=kmeans, got {num_clusters}")
+        check_label_source(labels, LABEL_SOURCES, num_clusters)
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None

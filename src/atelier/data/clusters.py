@@ -6,6 +6,19 @@ import numpy as np
 import torch
 
 
+def check_label_source(labels: str, allowed: tuple[str, ...], num_clusters: int) -> None:
+    """Check a datamodule's ``data.labels`` choice (one of ``allowed``; ``kmeans`` is the self-labelled one) and,
+    for ``kmeans``, its ``data.num_clusters``.
+
+    Raises:
+        ValueError: naming the key and the allowed values (``labels``) or range (``num_clusters``: 2..1000).
+    """
+    if labels not in allowed:
+        raise ValueError(f"data.labels={labels!r} is not allowed; choose one of {list(allowed)}")
+    if labels == "kmeans" and not 2 <= num_clusters <= 1000:
+        raise ValueError(f"data.num_clusters must be in 2..1000 for data.labels=kmeans, got {num_clusters}")
+
+
 def kmeans_labels(images: torch.Tensor, num_clusters: int, seed: int = 0, pca_dim: int = 50,
                   n_init: int = 3) -> torch.Tensor:
     """Cluster images without their labels: ``(N,)`` int64 cluster ids in ``[0, num_clusters)``.

@@ -10,7 +10,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import MNIST
 
-from atelier.data.clusters import cluster_purity, kmeans_labels
+from atelier.data.clusters import check_label_source, cluster_purity, kmeans_labels
 from atelier.data.loaders import make_loader
 from atelier.data.transforms import mnist_transform
 
@@ -69,10 +69,7 @@ class MNISTDataModule(LightningDataModule):
             raise ValueError(f"data.image_size must be positive, got {image_size}")
         if not 0 < val_size < 60000:
             raise ValueError(f"data.val_size must be in 1..59999, got {val_size}")
-        if labels not in LABEL_SOURCES:
-            raise ValueError(f"data.labels={labels!r} is not allowed; choose one of {list(LABEL_SOURCES)}")
-        if labels == "kmeans" and not 2 <= num_clusters <= 1000:
-            raise ValueError(f"data.num_clusters must be in 2..1000 for data.labels=kmeans, got {num_clusters}")
+        check_label_source(labels, LABEL_SOURCES, num_clusters)
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir).expanduser()
         self.transform = mnist_transform(image_size, channels)
