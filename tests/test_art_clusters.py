@@ -12,9 +12,12 @@ from PIL import Image
 
 from atelier.data.art_folder import ArtFolderDataModule
 from atelier.data.clusters import cluster_purity
+from atelier.data.label_counts import LABEL_COUNTS_KEY, stored_label_counts, train_label_counts
+from atelier.sampling.guidance import prior_labels
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task
-from atelier.tasks.evaluate import evaluation_labels, label_choice, train_label_counts
+from atelier.tasks.evaluate import evaluation_labels
+from atelier.tasks.sample import label_choice
 from tests.conftest import DATA_DIR, TINY_DDPM, compose_cfg
 
 COLOURS = ((220, 30, 30), (30, 200, 40), (40, 60, 230))
@@ -119,3 +122,26 @@ def test_kmeans_art_experiment_trains_and_samples(tmp_path: Path) -> None:
     # 16 samples of 16 clusters: a square 4 x 4 grid of 16 px RGB images with 2 px padding
     grid = Image.open(tmp_path / "samples" / "final.png")
     assert grid.size == (4 * 18 + 2, 4 * 18 + 2) and grid.mode == "RGB"
+
+    # the checkpoint carries the clusters' training counts, so sample.py draws them by frequency without the data
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    counts = stored_label_counts(checkpoint)
+    assert counts is not None and counts.shape == (16,) and int(counts.min()) > 0 and int(counts.sum()) > 2000
+    info = sample_task.run(compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=20", "num_inference_steps=2",
+                                                  "save_images=false"], tmp_path / "prior"))
+    assert info["label_distribution"] == "prior" and info["labels"] == prior_labels(20, counts).tolist()
+    assert Image.open(info["grid"]).size == (4 * 18 + 2, 5 * 18 + 2)  # round(√20) = 4 a row, not a row per cluster
+    info = sample_task.run(compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=20", "num_inference_steps=2",
+                                                  "save_images=false", "label_distribution=balanced"],
+                                       tmp_path / "balanced"))
+    assert info["label_distribution"] == "balanced" and info["labels"] is None  # the model's one-row-per-class
+    listed = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=4", "class_labels=[3,5]"], tmp_path / "listed")
+    assert sample_task.requested_labels(listed, conditional=True).tolist() == [3, 3, 5, 5]  # a list wins
+    bad = compose_cfg("sample", [f"ckpt_path={ckpt}", "label_distribution=uniform"], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"label_distribution='uniform': allowed values are \['balanced', 'prior'\]"):
+        sample_task.requested_labels(bad, conditional=True)
+    del checkpoint[LABEL_COUNTS_KEY]  # a checkpoint written before the counts were stored
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = compose_cfg("sample", [f"ckpt_path={tmp_path / 'old.ckpt'}", "num_samples=4"], tmp_path / "old")
+    with pytest.raises(ValueError, match=r"stores no training label counts.*label_distribution=balanced"):
+        sample_task.requested_labels(old, conditional=True)

@@ -11,10 +11,12 @@ from PIL import Image
 
 from atelier.callbacks.samples import class_rows
 from atelier.data.clusters import cluster_purity, kmeans_labels
+from atelier.data.label_counts import train_label_counts
 from atelier.data.mnist import MNISTDataModule
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task
-from atelier.tasks.evaluate import evaluation_labels, label_choice, train_label_counts
+from atelier.tasks.evaluate import evaluation_labels
+from atelier.tasks.sample import label_choice
 from tests.conftest import TINY_DDPM, compose_cfg
 
 

@@ -12,9 +12,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
+from atelier.data.label_counts import train_label_counts
 from atelier.sampling.guidance import prior_labels
 from atelier.tasks import evaluate, train
-from atelier.tasks.evaluate import evaluation_labels, train_label_counts
+from atelier.tasks.evaluate import evaluation_labels
 from tests.conftest import ROOT
 from tests.test_evaluate import TINY_RUN, classifier_ckpt, eval_cfg  # noqa: F401  (classifier_ckpt: a fixture)
 
@@ -116,7 +117,7 @@ def test_label_choice_follows_the_command_line_then_the_recipe(tmp_path: Path) -
     from omegaconf import OmegaConf
 
     from atelier.callbacks.checkpoint_extras import CONFIG_KEY
-    from atelier.tasks.evaluate import label_choice
+    from atelier.tasks.sample import label_choice
 
     recipe, plain = tmp_path / "recipe.ckpt", tmp_path / "plain.ckpt"
     torch.save({CONFIG_KEY: {"sampling": {"label_distribution": "prior"}}}, recipe)
@@ -126,3 +127,22 @@ def test_label_choice_follows_the_command_line_then_the_recipe(tmp_path: Path) -
     assert label_choice(cfg(recipe, "balanced")) == "balanced"  # the command line wins
     assert label_choice(cfg(plain, None)) == "balanced"  # no recipe default
     assert label_choice(cfg(plain, "prior")) == "prior"
+
+
+def test_checkpoints_store_the_training_label_counts_of_conditional_models() -> None:
+    from atelier.callbacks.checkpoint_extras import CheckpointExtras
+    from atelier.data.label_counts import LABEL_COUNTS_KEY, stored_label_counts
+
+    datamodule = SimpleNamespace(train_set=Subset(Labelled([0, 1, 1, 2, 2, 2, 0, 1]), [1, 2, 3, 4, 5]))
+    trainer = SimpleNamespace(datamodule=datamodule)
+    extras = CheckpointExtras({"model": {}})
+    checkpoint: dict = {}
+    extras.on_save_checkpoint(trainer, SimpleNamespace(num_classes=4), checkpoint)  # type: ignore[arg-type]
+    assert checkpoint[LABEL_COUNTS_KEY].tolist() == [0, 2, 3, 0]  # labels 1, 1, 2, 2, 2 of 4 classes
+    assert stored_label_counts(checkpoint).dtype == torch.int64
+    no_targets = SimpleNamespace(train_set=Subset([(0, 0)], [0]))
+    for module, dm in ((SimpleNamespace(num_classes=None), datamodule), (SimpleNamespace(num_classes=3), no_targets)):
+        checkpoint = {}
+        trainer = SimpleNamespace(datamodule=dm)
+        CheckpointExtras({}).on_save_checkpoint(trainer, module, checkpoint)  # type: ignore[arg-type]
+        assert LABEL_COUNTS_KEY not in checkpoint and stored_label_counts(checkpoint) is None

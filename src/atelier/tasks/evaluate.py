@@ -14,15 +14,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from atelier.data.label_counts import train_label_counts
 from atelier.metrics.evaluator import Evaluator
 from atelier.sampling.guidance import prior_labels
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.sample import (
+    LABEL_CHOICES,
     guide_choice,
     guide_kwargs,
     interval_option,
+    label_choice,
     load_module,
-    recipe_sampling,
     stored_config,
 )
 from atelier.utils.config import instantiate_group, run_info, write_json
@@ -58,44 +60,6 @@ def reference_datamodule(ckpt_path: str | Path, data_dir: str | None = None,
     datamodule: L.LightningDataModule = hydra.utils.instantiate(OmegaConf.create(stored))
     datamodule.setup("fit")
     return datamodule
-
-
-LABEL_CHOICES = ("balanced", "prior")
-
-
-def train_label_counts(datamodule: L.LightningDataModule, num_classes: int) -> torch.Tensor:
-    """``(num_classes,)`` int64 label counts of the datamodule's training split (``train_set``, a dataset or a
-    ``Subset`` of one with a ``targets`` list/tensor, as torchvision's MNIST and Atelier's image folders have).
-
-    Raises:
-        ValueError: when the training split has no ``targets`` to count, or a label lies outside the classes.
-    """
-    train = getattr(datamodule, "train_set", None)
-    indices = None
-    while isinstance(train, torch.utils.data.Subset):
-        indices = [int(i) for i in train.indices] if indices is None else [int(train.indices[i]) for i in indices]
-        train = train.dataset
-    targets = getattr(train, "targets", None)
-    if targets is None:
-        raise ValueError(f"label_distribution=prior needs the training labels, but "
-                         f"{type(datamodule).__name__}.train_set has no targets; use label_distribution=balanced")
-    targets = torch.as_tensor(targets, dtype=torch.long)
-    if indices is not None:
-        targets = targets[torch.as_tensor(indices, dtype=torch.long)]
-    if targets.numel() == 0 or int(targets.min()) < 0 or int(targets.max()) >= num_classes:
-        raise ValueError(f"training labels must lie in [0, {num_classes}); got {targets.unique().tolist()[:20]}")
-    return torch.bincount(targets, minlength=num_classes)
-
-
-def label_choice(cfg: DictConfig) -> str:
-    """The label distribution an evaluation samples a conditional model with: ``label_distribution`` when set,
-    else the recipe's ``sampling.label_distribution`` stored in the checkpoint (``ddpm_kmeans_mnist_cpu`` asks
-    for ``prior``: its clusters are sampled by their frequencies), else ``balanced``."""
-    if cfg.get("label_distribution") is not None:
-        return str(cfg.label_distribution)
-    checkpoint = torch.load(Path(cfg.ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
-    recipe = recipe_sampling(checkpoint).get("label_distribution")
-    return str(recipe) if recipe is not None else "balanced"
 
 
 def evaluation_labels(choice: str, n: int, num_classes: int, datamodule: L.LightningDataModule) -> torch.Tensor:

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from atelier.callbacks.checkpoint_extras import CONFIG_KEY
 from atelier.callbacks.posthoc_ema import apply_posthoc_ema
 from atelier.callbacks.samples import class_rows, save_grid
-from atelier.sampling.guidance import rows_per_class
+from atelier.data.label_counts import stored_label_counts
+from atelier.sampling.guidance import prior_labels, rows_per_class
 from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.loop import autocast_kwargs
 from atelier.utils.config import write_json
@@ -72,6 +73,38 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu",
 def recipe_sampling(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The recipe's ``sampling`` defaults that training stored in ``checkpoint`` (``{}`` when it stored none)."""
     return dict(checkpoint.get(CONFIG_KEY, {}).get("sampling") or {})
+
+
+#: the ``label_distribution`` values: equal counts per class, or the training split's class frequencies
+LABEL_CHOICES = ("balanced", "prior")
+
+
+def label_choice(cfg: DictConfig) -> str:
+    """The label distribution to sample a conditional model with: ``label_distribution`` when set, else the
+    recipe's ``sampling.label_distribution`` stored in the checkpoint (``ddpm_kmeans_mnist_cpu`` asks for
+    ``prior``: its clusters are sampled by their frequencies), else ``balanced``."""
+    if cfg.get("label_distribution") is not None:
+        return str(cfg.label_distribution)
+    checkpoint = torch.load(Path(cfg.ckpt_path).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    recipe = recipe_sampling(checkpoint).get("label_distribution")
+    return str(recipe) if recipe is not None else "balanced"
+
+
+def checkpoint_prior_labels(ckpt_path: str | Path, n: int) -> torch.Tensor:
+    """``(n,)`` int64 labels by the training label counts stored in the checkpoint
+    (:func:`atelier.sampling.guidance.prior_labels`), so ``sample.py`` draws from ``p(x)`` without the data.
+
+    Raises:
+        ValueError: when the checkpoint stores no counts (unconditional, or written before stop 38), naming
+            ``evaluate.py`` (which counts them from the data) and ``label_distribution=balanced``.
+    """
+    path = Path(ckpt_path).expanduser()
+    counts = stored_label_counts(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    if counts is None:
+        raise ValueError(f"label_distribution=prior: {path} stores no training label counts (an unconditional "
+                         "model, or a checkpoint written before they were stored); use label_distribution=balanced "
+                         "or class_labels=[...], or score it with evaluate.py, which counts them from the data")
+    return prior_labels(n, counts)
 
 
 def recipe_guide(ckpt_path: str | Path) -> tuple[str, float] | None:
@@ -178,13 +211,15 @@ def guide_contract(guide: L.LightningModule, model: L.LightningModule) -> dict[s
     return pairs
 
 
-def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
+def requested_labels(cfg: DictConfig, conditional: bool = False) -> torch.Tensor | None:
     """``(num_samples,)`` int64 labels from ``class_labels`` (a list: ``ceil(num_samples / len)`` consecutive
-    images per listed class, one grid row each) or ``class_label`` (one class for every image); ``None`` if
-    neither is set.
+    images per listed class, one grid row each) or ``class_label`` (one class for every image); else, for a
+    ``conditional`` model whose :func:`label_choice` is ``prior``, labels by the stored training frequencies
+    (:func:`checkpoint_prior_labels`); ``None`` otherwise (the model's default: one row per class).
 
     Raises:
-        ValueError: when both are set, or ``class_labels`` is empty.
+        ValueError: when both are set, ``class_labels`` is empty, or ``label_distribution`` is not one of
+            :data:`LABEL_CHOICES`.
     """
     many, one = cfg.get("class_labels"), cfg.get("class_label")
     if many is not None and one is not None:
@@ -192,7 +227,12 @@ def requested_labels(cfg: DictConfig) -> torch.Tensor | None:
     if one is not None:
         many = [one]
     if many is None:
-        return None
+        if not conditional:
+            return None
+        choice = label_choice(cfg)
+        if choice not in LABEL_CHOICES:
+            raise ValueError(f"label_distribution={choice!r}: allowed values are {list(LABEL_CHOICES)}")
+        return checkpoint_prior_labels(cfg.ckpt_path, int(cfg.num_samples)) if choice == "prior" else None
     classes = torch.as_tensor([int(c) for c in many], dtype=torch.long)
     if classes.numel() == 0:
         raise ValueError("class_labels=[] is empty; list at least one class or leave it null")
@@ -223,7 +263,7 @@ def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale",
                                           "sampling_prior")}
     options["guidance_interval"] = interval_option(cfg)
-    options["labels"] = requested_labels(cfg)
+    options["labels"] = requested_labels(cfg, isinstance(getattr(model, "num_classes", None), int))
     kwargs = accepted_kwargs(model, options)
     kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     kwargs.update(guide_kwargs(model, cfg))
@@ -239,6 +279,8 @@ def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int) -> int | None:
         return math.ceil(n / len(many))
     if cfg.get("class_label") is not None:
         return None
+    if isinstance(getattr(model, "num_classes", None), int) and label_choice(cfg) == "prior":
+        return None  # classes by their frequencies: a square grid, not one row per class
     return class_rows(model, n)
 
 
@@ -251,6 +293,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise TypeError(f"{type(model).__name__} is an image-to-image model, not a generator: apply it to images "
                         "with stylize.py (style transfer) or restore.py (restoration)")
     kwargs = sample_kwargs(model, cfg)
+    conditional = isinstance(getattr(model, "num_classes", None), int)
+    explicit = cfg.get("class_labels") is not None or cfg.get("class_label") is not None
     generator = torch.Generator().manual_seed(int(cfg.seed))
     start = time.perf_counter()
     images = model.sample(int(cfg.num_samples), generator=generator, **kwargs)
@@ -264,6 +308,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "sample_kwargs": {k: v for k, v in kwargs.items() if k not in ("labels", "guide")},
             "guide_ckpt_path": guide_choice(cfg)[0] if "guide" in kwargs else None,
             "class_label": cfg.get("class_label"),
+            "label_distribution": label_choice(cfg) if conditional and not explicit else None,
             "labels": kwargs["labels"].tolist() if "labels" in kwargs else None, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),
             "shape": list(images.shape)}
