@@ -228,3 +228,31 @@ def test_perf_callback_writes_images_per_second(train_cfg, mnist_available) -> N
     perf = json.loads((Path(cfg.paths.output_dir) / "perf.json").read_text())
     assert perf["batches"] == 2 and perf["images_per_s"] > 0 and perf["world_size"] == 1
     assert perf["peak_allocated_gib"] is None  # CPU: no CUDA memory to report
+    # model FLOPs of the counted warm-up batch = the network's forward + backward on a batch of that size
+    import hydra
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = hydra.utils.instantiate(cfg.model)
+    b = int(cfg.data.batch_size)
+    with FlopCounterMode(display=False) as counter:
+        model.diffusion_loss(torch.randn(b, 1, 8, 8)).backward()
+    assert perf["flops_per_batch"] == counter.get_total_flops() > 0
+    assert perf["flops_per_image"] == round(perf["flops_per_batch"] / b)
+    assert perf["mfu"] is None and perf["peak_tflops"] is None  # a CPU has no peak to compare with
+    assert perf["achieved_tflops"] == pytest.approx(perf["flops_per_batch"] * perf["batches_per_s"] / 1e12, rel=0.02)
+
+
+def test_perf_mfu_against_a_given_peak_and_gpu_peaks() -> None:
+    from types import SimpleNamespace
+
+    from atelier.callbacks.perf import PerfSummary, peak_flops
+
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+    perf = PerfSummary("unused", warmup_steps=0, peak_tflops=2.0)
+    assert perf.warmup_steps == 1  # the last warm-up batch is the counted one
+    perf._flops, perf._flops_images, perf._seen, perf._images = 4_000_000_000, 8, 11, 80
+    perf._start, perf._end = 0.0, 5.0  # 10 timed batches in 5 s: 2 batches/s, 8 GFLOP/s
+    trainer = SimpleNamespace(world_size=1, precision="bf16-mixed", is_global_zero=False)
+    perf.on_train_end(trainer, SimpleNamespace(device=torch.device("cpu")))  # type: ignore[arg-type]
+    assert perf.summary["batches_per_s"] == 2.0 and perf.summary["flops_per_image"] == 500_000_000
+    assert perf.summary["achieved_tflops"] == 0.008 and perf.summary["mfu"] == 0.004
