@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hydra
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from atelier.utils.precision import cpu_precision
@@ -84,6 +85,23 @@ def test_edm_experiment_is_the_quick_ddpm_with_edm(tmp_path) -> None:
     assert cfg.callbacks.posthoc_ema.sigma_rels == [0.05, 0.10] and "posthoc_ema" not in quick.callbacks
     model = hydra.utils.instantiate(cfg.model)
     assert model.edm is not None and model.edm.sigma_data == 0.5
+
+
+def test_gpu_art_experiment_is_the_art_recipe_at_64_px_on_a_gpu(tmp_path) -> None:
+    cpu = compose_cfg("train", ["experiment=ddpm_art_cpu"], tmp_path)
+    cfg = compose_cfg("train", ["experiment=ddpm_art_gpu"], tmp_path)
+    assert cfg.task_name == "ddpm_art_gpu" and cfg.trainer.accelerator == "gpu"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.callbacks.time_budget.budget == "00:00:10:00"
+    assert cfg.data.image_size == 64 and cfg.data.labels == cpu.data.labels == "folders"
+    for key in ("prediction_type", "beta_schedule", "sampler", "num_inference_steps", "num_classes",
+                "cond_drop_prob", "guidance_scale"):
+        assert cfg.model[key] == cpu.model[key], key
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.image_shape == (3, 64, 64)
+    out = model.net(torch.randn(2, 3, 64, 64), torch.tensor([10, 500]), class_labels=torch.tensor([0, 3])).sample
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+    n_params = sum(p.numel() for p in model.net.parameters())
+    assert n_params > 4 * sum(p.numel() for p in hydra.utils.instantiate(cpu.model).net.parameters())
 
 
 def test_sample_config_composes(tmp_path) -> None:
