@@ -65,6 +65,8 @@ def extractor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--reference-split", default=None, help="train | val | test (default: test if present)")
+    parser.add_argument("--data-dir", default=None,
+                        help="data folder of the reference images (default: the one stored in the checkpoint)")
     parser.add_argument("--reference-size", type=int, default=None, help="default: the whole split")
     parser.add_argument("--metrics", default="fid,kid,is")
     parser.add_argument("--batch-size", type=int, default=250)
@@ -124,7 +126,7 @@ def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
     else:
         env = "ATELIER_MNIST_CLASSIFIER" if args.feature_extractor == "mnist_classifier" else "ATELIER_ART_CLASSIFIER"
         extractor["ckpt_path"] = args.classifier_ckpt or os.environ.get(env)  # None: the pinned weights
-    datamodule = reference_datamodule(ckpt, image_size=args.reference_image_size)
+    datamodule = reference_datamodule(ckpt, getattr(args, "data_dir", None), image_size=args.reference_image_size)
     return Evaluator(extractor, datamodule, args.metrics.split(","), args.num_samples,
                      args.reference_split, args.reference_size, args.cache_dir, batch_size=args.batch_size,
                      seed=args.seed, device=args.device, sample_image_size=args.sample_image_size)
