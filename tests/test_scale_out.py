@@ -256,3 +256,13 @@ def test_perf_mfu_against_a_given_peak_and_gpu_peaks() -> None:
     perf.on_train_end(trainer, SimpleNamespace(device=torch.device("cpu")))  # type: ignore[arg-type]
     assert perf.summary["batches_per_s"] == 2.0 and perf.summary["flops_per_image"] == 500_000_000
     assert perf.summary["achieved_tflops"] == 0.008 and perf.summary["mfu"] == 0.004
+
+    # a step that raises inside the counted batch leaves no FLOP counter active
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    failing = PerfSummary("unused", warmup_steps=1)
+    module = SimpleNamespace(device=torch.device("cpu"), hparams={})
+    failing.on_train_batch_start(trainer, module, torch.zeros(2, 1), 0)  # type: ignore[arg-type]
+    assert failing._counter is not None and len(_get_current_dispatch_mode_stack()) > 0
+    failing.on_exception(trainer, module, RuntimeError("step failed"))  # type: ignore[arg-type]
+    assert failing._counter is None and len(_get_current_dispatch_mode_stack()) == 0

@@ -103,14 +103,20 @@ class PerfSummary(Callback):
             self._sync(pl_module)
             self._end = time.perf_counter()
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop_counting()  # never leave the FLOP counter's dispatch mode on after a failed step
+
+    def _stop_counting(self) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         timed = self._seen - self.warmup_steps
         seconds = (self._end - self._start) if self._start is not None and self._end is not None else 0.0
         cuda = pl_module.device.type == "cuda"
         gib = 1024**3
-        if self._counter is not None:  # training ended inside the counted batch
-            self._counter.__exit__(None, None, None)
-            self._counter = None
+        self._stop_counting()  # training ended inside the counted batch
         batches_per_s = timed / seconds if seconds > 0 else None
         peak = self.peak_tflops * 1e12 if self.peak_tflops else peak_flops(pl_module.device, str(trainer.precision))
         achieved = self._flops * batches_per_s if self._flops and batches_per_s else None
