@@ -52,7 +52,6 @@ class CheckpointExtras(Callback):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-
     def _counts(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
         classes = getattr(pl_module, "num_classes", None)
         if self._label_counts is None and isinstance(classes, int):

@@ -211,11 +211,12 @@ def guide_contract(guide: L.LightningModule, model: L.LightningModule) -> dict[s
     return pairs
 
 
-def requested_labels(cfg: DictConfig, conditional: bool = False) -> torch.Tensor | None:
+def requested_labels(cfg: DictConfig, conditional: bool = False, choice: str | None = None) -> torch.Tensor | None:
     """``(num_samples,)`` int64 labels from ``class_labels`` (a list: ``ceil(num_samples / len)`` consecutive
     images per listed class, one grid row each) or ``class_label`` (one class for every image); else, for a
     ``conditional`` model whose :func:`label_choice` is ``prior``, labels by the stored training frequencies
-    (:func:`checkpoint_prior_labels`); ``None`` otherwise (the model's default: one row per class).
+    (:func:`checkpoint_prior_labels`; ``choice``, when given, is that label choice already decided); ``None``
+    otherwise (the model's default: one row per class).
 
     Raises:
         ValueError: when both are set, ``class_labels`` is empty, or ``label_distribution`` is not one of
@@ -229,7 +230,7 @@ def requested_labels(cfg: DictConfig, conditional: bool = False) -> torch.Tensor
     if many is None:
         if not conditional:
             return None
-        choice = label_choice(cfg)
+        choice = choice or label_choice(cfg)
         if choice not in LABEL_CHOICES:
             raise ValueError(f"label_distribution={choice!r}: allowed values are {list(LABEL_CHOICES)}")
         return checkpoint_prior_labels(cfg.ckpt_path, int(cfg.num_samples)) if choice == "prior" else None
@@ -254,7 +255,7 @@ def interval_option(cfg: DictConfig) -> list[float] | None:
     return [float(v) for v in value]
 
 
-def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
+def sample_kwargs(model: L.LightningModule, cfg: DictConfig, choice: str | None = None) -> dict[str, Any]:
     """The sampler options in ``cfg`` that ``model.sample`` accepts and that are set (not null).
 
     ``class_labels`` / ``class_label`` become ``labels`` (:func:`requested_labels`); ``guidance_scale`` and
@@ -263,15 +264,16 @@ def sample_kwargs(model: L.LightningModule, cfg: DictConfig) -> dict[str, Any]:
     options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale",
                                           "sampling_prior")}
     options["guidance_interval"] = interval_option(cfg)
-    options["labels"] = requested_labels(cfg, isinstance(getattr(model, "num_classes", None), int))
+    options["labels"] = requested_labels(cfg, isinstance(getattr(model, "num_classes", None), int), choice)
     kwargs = accepted_kwargs(model, options)
     kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     kwargs.update(guide_kwargs(model, cfg))
     return kwargs
 
 
-def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int) -> int | None:
-    """``cfg.nrow`` if set; else one class per row for conditional models (listed or all classes); else ``None``."""
+def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int, choice: str | None = None) -> int | None:
+    """``cfg.nrow`` if set; else one class per row for conditional models (listed or all classes), unless the label
+    ``choice`` (decided by :func:`label_choice` when not given) is ``prior``: then, as for others, ``None``."""
     if cfg.get("nrow"):
         return int(cfg.nrow)
     many = cfg.get("class_labels")
@@ -279,7 +281,7 @@ def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int) -> int | None:
         return math.ceil(n / len(many))
     if cfg.get("class_label") is not None:
         return None
-    if isinstance(getattr(model, "num_classes", None), int) and label_choice(cfg) == "prior":
+    if isinstance(getattr(model, "num_classes", None), int) and (choice or label_choice(cfg)) == "prior":
         return None  # classes by their frequencies: a square grid, not one row per class
     return class_rows(model, n)
 
@@ -292,14 +294,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not callable(getattr(model, "sample", None)):
         raise TypeError(f"{type(model).__name__} is an image-to-image model, not a generator: apply it to images "
                         "with stylize.py (style transfer) or restore.py (restoration)")
-    kwargs = sample_kwargs(model, cfg)
     conditional = isinstance(getattr(model, "num_classes", None), int)
     explicit = cfg.get("class_labels") is not None or cfg.get("class_label") is not None
+    choice = label_choice(cfg) if conditional and not explicit else None  # decided once: one checkpoint read
+    kwargs = sample_kwargs(model, cfg, choice)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     start = time.perf_counter()
     images = model.sample(int(cfg.num_samples), generator=generator, **kwargs)
     seconds = time.perf_counter() - start
-    grid = save_grid(images, output_dir / "grid.png", nrow=grid_nrow(model, cfg, len(images)))
+    grid = save_grid(images, output_dir / "grid.png", nrow=grid_nrow(model, cfg, len(images), choice))
     if cfg.get("save_images", True):
         folder = output_dir / "images"
         for i, image in enumerate(images):
@@ -308,7 +311,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "sample_kwargs": {k: v for k, v in kwargs.items() if k not in ("labels", "guide")},
             "guide_ckpt_path": guide_choice(cfg)[0] if "guide" in kwargs else None,
             "class_label": cfg.get("class_label"),
-            "label_distribution": label_choice(cfg) if conditional and not explicit else None,
+            "label_distribution": choice,
             "labels": kwargs["labels"].tolist() if "labels" in kwargs else None, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / max(1, int(cfg.num_samples)), 5), "grid": str(grid),
             "shape": list(images.shape)}
