@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from atelier.utils.precision import cpu_precision
@@ -49,6 +50,25 @@ def test_fid_callback_group_composes_into_train(tmp_path) -> None:
     assert cfg.callbacks.fid._target_ == "atelier.callbacks.fid.FIDCallback"
     assert cfg.callbacks.fid.feature_extractor.name == "mnist_classifier"
     assert "sample_grid" in cfg.callbacks
+
+
+@pytest.mark.parametrize(("data", "extractor"), [("mnist", "mnist_classifier"), ("art", "art_classifier")])
+def test_fid_callback_features_follow_the_data(data: str, extractor: str, tmp_path) -> None:
+    cfg = compose_cfg("train", ["callbacks=[default,fid]", f"data={data}"], tmp_path)
+    assert cfg.callbacks.fid.feature_extractor.name == extractor
+    # the headline art sweep measures paintings with the painting classifier
+    cfg = compose_cfg("train", ["model=gan", f"data={data}", "hparams_search=gan_optuna"], tmp_path)
+    assert cfg.callbacks.fid.feature_extractor.name == extractor
+    cfg = compose_cfg("train", ["callbacks=[default,fid]", f"data={data}",
+                                "feature_extractor@callbacks.fid.feature_extractor=inception"], tmp_path)
+    assert cfg.callbacks.fid.feature_extractor.name == "inception"
+
+
+def test_fid_callback_without_features_for_the_data_names_the_override(tmp_path) -> None:
+    cfg = compose_cfg("train", ["callbacks=[default,fid]", "data=art_captions"], tmp_path)
+    assert cfg.callbacks.fid.feature_extractor is None
+    with pytest.raises(InstantiationException, match=r"feature_extractor@callbacks.fid.feature_extractor=art_"):
+        hydra.utils.instantiate(cfg.callbacks.fid)
 
 
 def test_train_config_keys(tmp_path) -> None:

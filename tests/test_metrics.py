@@ -292,6 +292,18 @@ def test_bad_values_name_the_key(classifier: MNISTClassifierFeatures, mnist: dic
         build_extractor({"name": "mnist_classifier", "ckpt_path": "/nonexistent/classifier.ckpt"})
 
 
+def test_the_digit_classifier_refuses_rgb_data(classifier: MNISTClassifierFeatures,
+                                              mnist: dict[str, torch.Tensor]) -> None:
+    grey = FakeData(mnist["test_x"][:20])
+    rgb = FakeData(mnist["test_x"][:20].repeat(1, 3, 1, 1))  # RGB images, e.g. paintings
+    # the digit classifier scores grey images; on RGB ones it names the extractors that fit
+    assert Evaluator(classifier, grey, ["fid"], num_samples=10).extractor is classifier
+    with pytest.raises(ValueError, match=r"feature_extractor=mnist_classifier was trained on 1-channel images and "
+                                         r"cannot score FakeData \(3-channel images\): choose "
+                                         r"feature_extractor=art_classifier"):
+        Evaluator(classifier, rgb, ["fid"], num_samples=10)
+
+
 def test_mnist_extractor_pads_28_and_resizes_with_the_protocol_antialias(
         classifier: MNISTClassifierFeatures, monkeypatch: pytest.MonkeyPatch) -> None:
     net32 = ClassifierNet(image_size=32, width=4, feature_dim=8).eval()

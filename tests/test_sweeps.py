@@ -149,6 +149,26 @@ def test_ddpm_optuna_trials_that_end_before_validation_still_report_val_loss(tmp
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == study.best_value
 
 
+def test_gan_optuna_on_paintings_optimises_the_painting_fid(tmp_path: Path) -> None:
+    # the brief's `python train.py -m model=gan data=art hparams_search=gan_optuna`, one tiny trial: its objective
+    # is the FID on the painting classifier's features (3 artists), not on the digit classifier's
+    if not (ROOT.parent / "shared" / "data" / "art").is_dir() and "ATELIER_DATA_DIR" not in os.environ:
+        pytest.fail("the paintings are needed: set ATELIER_DATA_DIR to ../shared/data")
+    sweep, outputs = tmp_path / "sweep", tmp_path / "outputs"
+    tiny = [a for a in tiny_args("gan", "logger=csv", "callbacks.sample_grid.on_train_end=false",
+                                 "callbacks.fid.num_samples=20", "callbacks.fid.reference_size=40",
+                                 "callbacks.fid.batch_size=20") if not a.startswith("data.val_size=")]  # MNIST's
+    proc = run_train(["-m", "data=art", "hparams_search=gan_optuna", "hydra.sweeper.n_trials=1", "trainer.max_steps=2",
+                      *tiny, f"hydra.sweep.dir={sweep}"], train_env(outputs))
+    stats = list((outputs / "reference_stats").glob("*.pt"))
+    assert [p.name.split("_")[:3] for p in stats] == [["ArtFolderDataModule", "train-40", "art"]], proc.stdout[-2000:]
+    study = optuna.load_study(study_name="gan_optuna", storage=f"sqlite:///{outputs / 'optuna' / 'gan_optuna.db'}")
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert study.trials[0].value == metrics["val/fid"] and math.isfinite(metrics["val/fid"])
+    # class coverage over the painting classifier's 3 artists (k/3), not over 10 digits
+    assert round(metrics["val/class_coverage"] * 3, 4) in (1.0, 2.0, 3.0)
+
+
 def test_search_space_maps_override_grammar_to_optuna_distributions() -> None:
     space = SearchSpace.from_config(
         {"lr": "tag(log, interval(1e-4, 1e-2))", "dropout": "interval(0, 0.5)", "steps": "range(100, 400, 100)",

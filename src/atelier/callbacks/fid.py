@@ -35,7 +35,9 @@ class FIDCallback(Callback):
     training loop. Samples use a fixed seed, so successive values differ only through the model.
 
     Args:
-        feature_extractor: an extractor module or its config (``configs/feature_extractor/*.yaml``).
+        feature_extractor: an extractor module or its config (``configs/feature_extractor/*.yaml``;
+            ``configs/callbacks/fid.yaml`` picks the one named after the data: ``mnist_classifier`` for
+            ``data=mnist``, ``art_classifier`` for ``data=art``).
         metrics: subset of ``("fid", "kid", "is")``; logged as ``val/<name>``.
         every_n_epochs: interval in epochs (used when ``every_n_steps`` is 0).
         every_n_steps: interval in optimiser steps (0: use epochs).
@@ -43,13 +45,22 @@ class FIDCallback(Callback):
         reference_split, reference_size, cache_dir, kid_subset_size, batch_size, seed: as in
             :class:`atelier.metrics.evaluator.Evaluator` (``kid_subset_size=None`` adapts to K).
         sample_kwargs: options for ``pl_module.sample`` (``sampler``, ``num_inference_steps``; others dropped).
+
+    Raises:
+        ValueError: without a feature extractor (data with no ``<data>_classifier`` option) or with neither
+            interval set; at the first measurement, an extractor of another domain (``suite.check_domain``).
     """
 
-    def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module, metrics: Sequence[str] = ("fid", "kid"),
+    def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module | None, metrics: Sequence[str] = ("fid", "kid"),
                  every_n_epochs: int = 1, every_n_steps: int = 0, num_samples: int = 1000,
                  reference_split: str | None = None, reference_size: int | None = 10000,
                  cache_dir: str | Path | None = None, kid_subset_size: int | None = None, batch_size: int = 250,
                  seed: int = 0, sample_kwargs: Mapping[str, Any] | None = None) -> None:
+        if feature_extractor is None:
+            raise ValueError("callbacks.fid has no feature extractor for this data (configs/callbacks/fid.yaml picks "
+                             "<data choice>_classifier, which does not exist for it): choose one with "
+                             "feature_extractor@callbacks.fid.feature_extractor=art_classifier | mnist_classifier | "
+                             "inception")
         if every_n_epochs < 1 and every_n_steps < 1:
             raise ValueError("callbacks.fid: set every_n_epochs ≥ 1 or every_n_steps ≥ 1")
         self.feature_extractor = feature_extractor

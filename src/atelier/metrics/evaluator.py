@@ -20,7 +20,7 @@ from torch import nn
 from atelier.metrics.cache import ReferenceCache, ReferenceStats, dataset_identity, resolve_split
 from atelier.metrics.precision_recall import DEFAULT_K
 from atelier.metrics.protocol import EvalProtocol
-from atelier.metrics.suite import DEFAULT_METRICS, GenerativeMetrics, build_extractor, check_metrics
+from atelier.metrics.suite import DEFAULT_METRICS, GenerativeMetrics, build_extractor, check_domain, check_metrics
 from atelier.sampling.interface import accepted_kwargs
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class Evaluator:
 
     Raises:
         ValueError: for unknown metrics, fewer than 2 samples, a non-positive batch size or
-            ``sample_image_size``, a ``reference_size`` outside the split, or (with precision/recall) ``prc_k``
-            not below ``min(num_samples, reference_size)``.
+            ``sample_image_size``, a ``reference_size`` outside the split, (with precision/recall) ``prc_k``
+            not below ``min(num_samples, reference_size)``, or a domain classifier given data of another domain
+            (the MNIST classifier and RGB images: :func:`~atelier.metrics.suite.check_domain`).
     """
 
     def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module, datamodule: Any,
@@ -71,6 +72,7 @@ class Evaluator:
         self.extractor = build_extractor(feature_extractor).to(device)
         self.datamodule = datamodule
         self.split, self.dataset = resolve_split(datamodule, reference_split)
+        check_domain(self.extractor, self.dataset, type(datamodule).__name__)
         n = len(self.dataset)
         if reference_size is None:
             reference_size = n

@@ -65,6 +65,8 @@ class MNISTClassifierFeatures(nn.Module):
 
     name = "mnist_classifier"
     channels = "RGB averaged to grey"
+    #: the channels of the images it was trained on (digits); other data is refused (``suite.check_domain``)
+    data_channels = 1
     resize = "28↔32 px by black padding/cropping, other sizes bilinear"
 
     def __init__(self, ckpt_path: str | Path | None = None, antialias: bool = False, net: nn.Module | None = None

@@ -67,6 +67,30 @@ def build_extractor(cfg: Mapping[str, Any] | nn.Module) -> nn.Module:
     raise ValueError(f"feature_extractor={name!r} is not allowed; choose one of {list(EXTRACTORS)}")
 
 
+def check_domain(extractor: nn.Module, dataset: Any, data_name: str) -> None:
+    """Refuse a domain classifier's features for data of another domain.
+
+    An extractor with a ``data_channels`` attribute (the MNIST digit classifier: 1) was trained on images with
+    that many channels; data whose first image ``(C, H, W)`` has another ``C`` (RGB paintings) is not its
+    domain: the FID would run (colour averaged to grey) and measure nothing the data is about.
+
+    Raises:
+        ValueError: naming the extractor, the data and the ``feature_extractor`` values that fit.
+    """
+    expected = getattr(extractor, "data_channels", None)
+    if expected is None or len(dataset) == 0:
+        return
+    item = dataset[0]
+    image = item[0] if isinstance(item, tuple | list) else item
+    channels = int(image.shape[0]) if image.ndim == 3 else 1
+    if channels != int(expected):
+        raise ValueError(
+            f"feature_extractor={extractor.name} was trained on {expected}-channel images and cannot score "
+            f"{data_name} ({channels}-channel images): choose feature_extractor=art_classifier (paintings) or "
+            f"inception (ImageNet; needs its weights); for the in-training FID: "
+            f"feature_extractor@callbacks.fid.feature_extractor=art_classifier")
+
+
 def check_metrics(metrics: Sequence[str]) -> list[str]:
     """Lower-cased metric names, checked against :data:`METRICS` (error names the ``metrics`` key)."""
     names = [str(m).lower() for m in metrics]
