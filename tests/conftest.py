@@ -82,6 +82,15 @@ def train_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 @pytest.fixture(scope="session")
+def art_available() -> Path:
+    """The real art folder (``ATELIER_DATA_DIR/art``: 2,787 paintings, one subfolder per artist)."""
+    art = DATA_DIR / "art"
+    if not any(art.glob("*/*.jpg")):
+        pytest.fail(f"the art folder is needed in {art}: set ATELIER_DATA_DIR to ../shared/data")
+    return art
+
+
+@pytest.fixture(scope="session")
 def mnist_available() -> Path:
     raw = DATA_DIR / "MNIST" / "raw"
     if not (raw / "train-images-idx3-ubyte").exists() and not (raw / "train-images-idx3-ubyte.gz").exists():

@@ -24,13 +24,6 @@ TINY = ["experiment=art_classifier", "logger=csv", "print_config=false", "data.n
 
 
 @pytest.fixture(scope="module")
-def art_available() -> Path:
-    if not any(ART.glob("*/*.jpg")):
-        pytest.fail(f"the art folder is needed in {ART}: set ATELIER_DATA_DIR to ../shared/data")
-    return ART
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, art_available: Path) -> tuple[Path, Path]:
     """``(log_dir, stable checkpoint)`` of a 3-step run of the real art classifier experiment."""
     log_dir = tmp_path_factory.mktemp("art_logs")

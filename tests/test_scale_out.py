@@ -206,6 +206,20 @@ def test_slurm_launcher_config_makes_the_sbatch_script(tmp_path: Path, monkeypat
     assert "export WANDB_MODE=" in script
 
 
+def test_the_briefs_hydra_launcher_spelling_is_the_same_slurm_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `python train.py -m experiment=ddpm_art hydra/launcher=slurm trainer=ddp`: Hydra's own group name selects the
+    # launcher settings that launcher=slurm selects; trainer=ddp follows the allocation (SLURM_NNODES in the job)
+    brief = _compose_with_hydra(["experiment=ddpm_art", "hydra/launcher=slurm", "trainer=ddp"])
+    ours = _compose_with_hydra(["experiment=ddpm_art", "launcher=slurm", "trainer=ddp"])
+    assert brief.hydra.launcher == ours.hydra.launcher
+    assert brief.hydra.launcher._target_.endswith("SlurmLauncher") and brief.hydra.launcher.signal_delay_s == 120
+    assert brief.model.net.block_out_channels == [64, 128, 256, 256] and brief.data.image_size == 64
+    assert brief.trainer.strategy == "ddp" and brief.trainer.devices == -1  # the GPUs SLURM makes visible
+    assert brief.trainer.num_nodes == 1
+    monkeypatch.setenv("SLURM_NNODES", "3")  # resolved when the job reads it, inside the allocation
+    assert brief.trainer.num_nodes == 3
+
+
 def test_local_launchers_and_ddp_trainers_compose() -> None:
     cfg = _compose_with_hydra(["launcher=submitit_local"])
     assert cfg.hydra.launcher._target_.endswith("LocalLauncher")

@@ -272,3 +272,28 @@ def test_multirun_of_ddp_jobs(tmp_path: Path, slurm_cluster: dict[str, str], mni
         assert "Traceback" not in logs
         assert finished_job(job, slurm_cluster).get("JobState") == "COMPLETED"
     assert not (tmp_path / "outputs" / "train").exists() or not list((tmp_path / "outputs" / "train").glob("*/*"))
+
+
+def test_the_briefs_art_command_on_slurm(tmp_path: Path, slurm_cluster: dict[str, str], art_available) -> None:
+    """`python train.py -m experiment=ddpm_art hydra/launcher=slurm trainer=ddp` as far as a CPU cluster allows: the
+    real recipe and Hydra's launcher spelling, DDP on 2 CPU processes (trainer=ddp_sim) started by srun, tiny net."""
+    sweep = tmp_path / "sweep"
+    tiny = [a for a in tiny_args("ddpm", "logger=[wandb,csv]", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                                 "callbacks.sample_grid.on_train_end=false", "data.cache=false")
+            if not a.startswith(("model=", "data.val_size="))]  # the experiment's model; the art folder has no val_size
+    run_train(["-m", "experiment=ddpm_art", "hydra/launcher=slurm", "trainer=ddp_sim", "trainer.devices=2",
+               "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=2",
+               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", *tiny, f"hydra.sweep.dir={sweep}"],
+              _env(tmp_path, slurm_cluster), timeout=400)
+    jobs = job_ids(sweep)
+    assert len(jobs) == 1, jobs
+    run_dir = sweep / "0"
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert config.task_name == "ddpm_art" and config.model.num_classes == 3
+    assert config.data._target_.endswith("ArtFolderDataModule")
+    logs = "".join(p.read_text() for p in (sweep / ".submitit" / jobs[0]).glob("*_log.*"))  # both ranks' logs
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
+    assert "Traceback" not in logs
+    assert finished_job(jobs[0], slurm_cluster).get("JobState") == "COMPLETED"
+    assert wandb_run_ids(run_dir) == {run_id(run_dir)}

@@ -149,11 +149,9 @@ def test_ddpm_optuna_trials_that_end_before_validation_still_report_val_loss(tmp
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == study.best_value
 
 
-def test_gan_optuna_on_paintings_optimises_the_painting_fid(tmp_path: Path) -> None:
+def test_gan_optuna_on_paintings_optimises_the_painting_fid(tmp_path: Path, art_available) -> None:
     # the brief's `python train.py -m model=gan data=art hparams_search=gan_optuna`, one tiny trial: its objective
     # is the FID on the painting classifier's features (3 artists), not on the digit classifier's
-    if not (ROOT.parent / "shared" / "data" / "art").is_dir() and "ATELIER_DATA_DIR" not in os.environ:
-        pytest.fail("the paintings are needed: set ATELIER_DATA_DIR to ../shared/data")
     sweep, outputs = tmp_path / "sweep", tmp_path / "outputs"
     tiny = [a for a in tiny_args("gan", "logger=csv", "callbacks.sample_grid.on_train_end=false",
                                  "callbacks.fid.num_samples=20", "callbacks.fid.reference_size=40",
