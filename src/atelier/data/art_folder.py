@@ -12,6 +12,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
 from atelier.data.clusters import check_label_source, cluster_purity, kmeans_labels
+from atelier.data.duplicates import duplicate_sources
 from atelier.data.image_io import IMAGE_EXTENSIONS, find_images, load_rgb, split_readable
 from atelier.data.loaders import make_loader
 from atelier.data.transforms import art_transform
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 __all__ = ["IMAGE_EXTENSIONS", "ArtFolderDataModule", "ImageFolderDataset", "find_images", "split_readable"]
 
 LABEL_SOURCES = ("folders", "kmeans")
+#: thumbnail size (px) at which data.dedupe compares images
+DEDUPE_SIZE = 32
 
 
 def fitted_pixels(paths: list[Path], size: int, cache_dir: Path | None = None) -> torch.Tensor:
@@ -120,6 +123,9 @@ class ArtFolderDataModule(LightningDataModule):
         labels: ``folders`` (the subfolder index) or ``kmeans`` (cluster ids, see above).
         num_clusters: clusters for ``labels=kmeans``.
         cluster_image_size: the size in px the images are clustered at for ``labels=kmeans``.
+        dedupe: before the split, drop every image that duplicates an earlier one (sorted paths; 32 px thumbnails
+            within :data:`atelier.data.duplicates.DUPLICATE_RMS_LEVELS`), so no picture sits in both splits;
+            the dropped files and what they duplicate are logged and kept in ``duplicates``.
 
     Raises:
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
@@ -146,6 +152,7 @@ class ArtFolderDataModule(LightningDataModule):
         labels: str = "folders",
         num_clusters: int = 30,
         cluster_image_size: int = 32,
+        dedupe: bool = False,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -159,6 +166,7 @@ class ArtFolderDataModule(LightningDataModule):
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
         self.skipped: list[Path] = []
+        self.duplicates: list[tuple[Path, Path]] = []
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.classes: list[str] = []
@@ -182,6 +190,8 @@ class ArtFolderDataModule(LightningDataModule):
                 f"data.root={self.root} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}, any case, "
                 "searched recursively)"
             )
+        if hp.dedupe:
+            paths = self._drop_duplicates(paths)
         if self.cache_dir is not None:
             log.info("image cache for %s at %d px: %s", self.root, hp.image_size, self.cache_dir / f"{hp.image_size}px")
         size, cache = hp.image_size, self.cache_dir
@@ -197,6 +207,18 @@ class ArtFolderDataModule(LightningDataModule):
         train_idx, val_idx = random_split(range(len(paths)), [len(paths) - n_val, n_val], generator=generator)
         self.train_set = Subset(train_full, list(train_idx))
         self.val_set = Subset(val_full, list(val_idx)) if n_val else Subset(val_full, list(train_idx)[:1])
+
+    def _drop_duplicates(self, paths: list[Path]) -> list[Path]:
+        """``paths`` without the images that duplicate an earlier one (``self.duplicates``: (dropped, kept))."""
+        source = duplicate_sources(fitted_pixels(paths, DEDUPE_SIZE, self.cache_dir))
+        self.duplicates = [(paths[i], paths[int(j)]) for i, j in enumerate(source.tolist()) if j >= 0]
+        if self.duplicates:
+            shown = ", ".join(f"{a.relative_to(self.root)} = {b.relative_to(self.root)}"
+                              for a, b in self.duplicates[:5])
+            log.warning("data.dedupe: dropped %d of %d images under %s that duplicate another (%s%s)",
+                        len(self.duplicates), len(paths), self.root, shown,
+                        ", ..." if len(self.duplicates) > 5 else "")
+        return [p for p, j in zip(paths, source.tolist(), strict=True) if j < 0]
 
     def _use_clusters(self, paths: list[Path], *datasets: ImageFolderDataset) -> None:
         """Replace the folder labels of ``datasets`` (same ``paths``) by k-means cluster ids."""
