@@ -10,7 +10,7 @@ features of ``--feature-extractor`` (default: the domain classifier of the data:
 ``mnist_classifier`` for grey) or in pixels (``--space pixels``). Mirror images of the training images count when the
 data was trained with flips. Prints and writes (``copies.json``) the Mann-Whitney ``z_u`` of the two sets of
 distances (Meehan et al. 2020: strongly negative = copying), the share of samples closer to a training image than
-the nearest 1 % of held-out reals, the median distances, and saves ``nearest.png``: the ``--show`` samples nearest
+the nearest 5 % of held-out reals, the median distances, and saves ``nearest.png``: the ``--show`` samples nearest
 to a training image, each beside that training image (sample left, training image right). See
 :mod:`atelier.metrics.copies`.
 """
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--feature-extractor", default=None,
                         help="mnist_classifier | art_classifier | inception (default: the data's classifier)")
     parser.add_argument("--data-dir", default=None, help="where the data lives now, if it moved since training")
-    parser.add_argument("--close-quantile", type=float, default=0.01)
+    parser.add_argument("--close-quantile", type=float, default=0.05,
+                        help="held-out quantile below which a sample counts as close (5 %%: folders hold twins)")
     parser.add_argument("--show", type=int, default=16, help="sample / nearest-training pairs in nearest.png")
     parser.add_argument("--out", type=Path, default=None, help="folder for copies.json and nearest.png")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ def test_copies_are_found_and_fresh_samples_are_not() -> None:
     g = torch.Generator().manual_seed(0)
     train, heldout = torch.randn(600, 8, generator=g), torch.randn(200, 8, generator=g)
     fresh = copy_report(torch.randn(300, 8, generator=g), train, heldout)
-    assert abs(fresh.z_u) < 3 and fresh.close_fraction < 0.05 and fresh.p_value > 0.001
+    assert abs(fresh.z_u) < 3 and fresh.close_fraction < 0.12 and fresh.p_value > 0.001  # about the 5 % quantile
     copies = copy_report(train[:300] + 1e-3 * torch.randn(300, 8, generator=g), train, heldout)
     assert copies.z_u < -10 and copies.close_fraction > 0.95
     assert torch.equal(copies.sample_indices, torch.arange(300))  # each copy's nearest is its original

@@ -57,7 +57,7 @@ class CopyReport:
             approximation; Meehan et al. 2020's ``Z_U`` without cells): < 0 generated images lie closer to the
             training set than new real images do (copying); about 0 no difference; > 0 further away.
         p_value: two-sided p-value of the same test.
-        close_quantile: the held-out quantile that defines "too close" (e.g. 0.01).
+        close_quantile: the held-out quantile that defines "too close" (e.g. 0.05).
         close_threshold: that quantile of ``heldout_distances``.
         close_fraction: share of generated images nearer to a training image than ``close_threshold``; about
             ``close_quantile`` for a model that does not copy, up to 1 for one that does.
@@ -85,7 +85,7 @@ class CopyReport:
 
 
 def copy_report(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor,
-                close_quantile: float = 0.01) -> CopyReport:
+                close_quantile: float = 0.05) -> CopyReport:
     """Compare generated and held-out real images by their distance to the nearest training image.
 
     Args:
