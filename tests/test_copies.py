@@ -73,17 +73,19 @@ def test_script_flags_copied_and_mirrored_training_images(tmp_path: Path, space:
     dm.setup("fit")
     train = torch.stack([dm.train_set[i][0] for i in range(12)])
     _save_pngs(torch.cat([train[:6], train[6:].flip(-1)]), tmp_path / "copied")  # 6 as they are, 6 mirrored
-    _save_pngs(torch.rand(12, 3, 16, 16) * 2 - 1, tmp_path / "fresh")
+    fresh_images = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    _save_pngs(fresh_images, tmp_path / "fresh")  # new noise pictures, like the folder's but none of them
 
     copied = script.main(["--samples", str(tmp_path / "copied"), "--ckpt", str(ckpt), "--space", space,
                           "--out", str(tmp_path / "out")])
     assert copied["num_train"] == 36 and copied["num_heldout"] == 12 and copied["mirrored_train"] is True
-    assert copied["close_fraction"] == 1.0 and copied["sample_nn_median"] < 1e-3 and copied["z_u"] < -3
+    # every copy nearer than every held-out image: U = 0, the floor of z_u for 12 against 12 (-4.16)
+    assert copied["close_fraction"] == 1.0 and copied["sample_nn_median"] < 1e-3 and copied["z_u"] < -4.1
     assert json.loads((tmp_path / "out" / "copies.json").read_text())["z_u"] == copied["z_u"]
     with Image.open(tmp_path / "out" / "nearest.png") as grid:
         assert grid.width > 8 * 16 and grid.height > 16  # 12 pairs, 4 per row
     fresh = script.main(["--samples", str(tmp_path / "fresh"), "--ckpt", str(ckpt), "--space", space])
-    assert fresh["close_fraction"] < 0.5 and fresh["z_u"] > copied["z_u"] + 3
+    assert fresh["close_fraction"] < 0.75 and abs(fresh["z_u"]) < 3 and fresh["sample_nn_median"] > 1
     assert fresh["feature_extractor"] == ("art_classifier" if space == "features" else None)
 
 

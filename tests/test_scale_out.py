@@ -209,8 +209,9 @@ def test_slurm_launcher_config_makes_the_sbatch_script(tmp_path: Path, monkeypat
 def test_the_briefs_hydra_launcher_spelling_is_the_same_slurm_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     # `python train.py -m experiment=ddpm_art hydra/launcher=slurm trainer=ddp`: Hydra's own group name selects the
     # launcher settings that launcher=slurm selects; trainer=ddp follows the allocation (SLURM_NNODES in the job)
-    brief = _compose_with_hydra(["experiment=ddpm_art", "hydra/launcher=slurm", "trainer=ddp"])
-    ours = _compose_with_hydra(["experiment=ddpm_art", "launcher=slurm", "trainer=ddp"])
+    fixed = "hydra.sweep.dir=sweep"  # the default holds the time to the second, which two composes may straddle
+    brief = _compose_with_hydra(["experiment=ddpm_art", "hydra/launcher=slurm", "trainer=ddp", fixed])
+    ours = _compose_with_hydra(["experiment=ddpm_art", "launcher=slurm", "trainer=ddp", fixed])
     assert brief.hydra.launcher == ours.hydra.launcher
     assert brief.hydra.launcher._target_.endswith("SlurmLauncher") and brief.hydra.launcher.signal_delay_s == 120
     assert brief.model.net.block_out_channels == [64, 128, 256, 256] and brief.data.image_size == 64
