@@ -1,11 +1,12 @@
 """Duplicate images in a folder: the same picture under two file names (re-encoded, renamed, copied twice).
 
-Collections scraped or merged from several sources hold such copies: at the default tolerance 77 of the shared art
-folder's 2,787 files copy another one (stop 39). A duplicate split across the training and validation sets leaks the validation image into
-training, and a generative model's nearest-neighbour copy test sees it as a copy. Images are compared as small
-thumbnails (``(N, H, W, C)`` uint8): two match when their root-mean-square pixel difference is at most ``tol``
-grey levels, far below the difference between any two distinct paintings of the folder (a re-encoded JPEG of the
-same painting differs by about 2 levels at 32 px, distinct paintings by 20 or more).
+Collections scraped or merged from several sources hold such copies: at the default tolerance 77 of the shared
+art folder's 2,787 files copy another one (stop 39). A duplicate split across the training and validation sets
+leaks the validation image into training, and a generative model's nearest-neighbour copy test sees it as a copy.
+Images are compared as small thumbnails (``(N, H, W, C)`` uint8): two match when their root-mean-square pixel
+difference is at most ``tol`` grey levels. A re-encoded or rescaled copy differs by about 2 levels at 32 px. Other
+reproductions of the same painting (another colour balance or crop) differ by up to ~20 levels, as do two
+paintings of one series (Monet's Parliament), so a pixel tolerance catches near-exact copies only (docs/data.md).
 """
 
 from __future__ import annotations
