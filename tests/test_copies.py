@@ -18,10 +18,10 @@ from atelier.metrics.protocol import to_uint8
 from tests.conftest import ROOT
 
 
-def test_nearest_matches_brute_force_in_chunks() -> None:
+def test_nearest_matches_brute_force() -> None:
     g = torch.Generator().manual_seed(0)
     query, ref = torch.randn(23, 5, generator=g), torch.randn(40, 5, generator=g)
-    dist, idx = nearest(query, ref, chunk=7)
+    dist, idx = nearest(query, ref)
     full = torch.cdist(query.double(), ref.double())
     assert torch.equal(idx, full.argmin(1)) and torch.allclose(dist, full.min(1).values)
     with pytest.raises(ValueError, match=r"same D"):

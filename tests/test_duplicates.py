@@ -26,7 +26,6 @@ def test_duplicate_sources_by_hand() -> None:
     chain = torch.cat([row, row + 3, row + 6])  # RMS 3 between neighbours, 6 between the ends
     assert duplicate_sources(chain, tol=4).tolist() == [-1, 0, 0]
     assert duplicate_sources(chain, tol=0).tolist() == [-1, -1, -1]
-    assert duplicate_sources(thumbs, chunk=2).tolist() == duplicate_sources(thumbs).tolist()
     with pytest.raises(ValueError, match=r"tol=-1"):
         duplicate_sources(thumbs, tol=-1)
 

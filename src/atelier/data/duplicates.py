@@ -12,22 +12,23 @@ paintings of one series (Monet's Parliament), so a pixel tolerance catches near-
 from __future__ import annotations
 
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 #: the default match tolerance: root-mean-square difference in grey levels (of 255) between two 32 px thumbnails
 DUPLICATE_RMS_LEVELS = 4.0
 
 
-def duplicate_sources(thumbs: torch.Tensor, tol: float = DUPLICATE_RMS_LEVELS, chunk: int = 512) -> torch.Tensor:
+def duplicate_sources(thumbs: torch.Tensor, tol: float = DUPLICATE_RMS_LEVELS) -> torch.Tensor:
     """For each image, the index of the first earlier image it duplicates, else -1.
 
     Args:
         thumbs: ``(N, ...)`` uint8 in ``[0, 255]``, one thumbnail per image, all the same shape.
         tol: the largest root-mean-square difference (grey levels) at which two thumbnails count as one image.
-        chunk: rows compared at once (memory ``chunk x N`` float64). The cost is ``O(N^2)`` distances.
 
     Returns:
         ``(N,)`` int64: ``-1`` for the first image of each group of duplicates, else the index of that first
-        image (so keeping the images with ``-1`` keeps one of each).
+        image (so keeping the images with ``-1`` keeps one of each). The neighbours within ``tol`` come from
+        scikit-learn's ``NearestNeighbors.radius_neighbors``.
 
     Raises:
         ValueError: for a negative ``tol``.
@@ -35,19 +36,14 @@ def duplicate_sources(thumbs: torch.Tensor, tol: float = DUPLICATE_RMS_LEVELS, c
     if tol < 0:
         raise ValueError(f"tol={tol} must be ≥ 0 grey levels")
     n = len(thumbs)
-    flat = thumbs.reshape(n, -1).double()
-    limit = tol * flat.shape[1] ** 0.5  # RMS tol → Euclidean distance
+    flat = thumbs.reshape(n, -1).double().numpy()
+    radius = tol * flat.shape[1] ** 0.5  # RMS tol → Euclidean distance
+    _, neighbours = NearestNeighbors(radius=radius).fit(flat).radius_neighbors(flat)
     source = torch.full((n,), -1, dtype=torch.long)
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n))
-        d = torch.cdist(flat[rows], flat[: rows[-1] + 1])
-        earlier = torch.arange(rows[-1] + 1)[None, :] < rows[:, None]
-        match = (d <= limit) & earlier
-        has = match.any(dim=1)
-        first = match.double().argmax(dim=1)  # the first earlier match
-        source[rows[has]] = first[has]
-    # chains (c matches b, b matches a): point every member at the group's first image
-    for i in range(n):
-        if source[i] >= 0 and source[source[i]] >= 0:
-            source[i] = source[source[i]]
+    for i, found in enumerate(neighbours):
+        earlier = found[found < i]
+        if len(earlier):
+            first = int(earlier.min())
+            # a chain (c matches b, b matches a): point at the group's first image
+            source[i] = first if source[first] < 0 else source[first]
     return source

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 from scipy.stats import mannwhitneyu
+from sklearn.neighbors import NearestNeighbors
 
 
-def nearest(query: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance from each row of ``query`` ``(N, D)`` to its nearest row of ``reference`` ``(R, D)``.
+def nearest(query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance from each row of ``query`` ``(N, D)`` to its nearest row of ``reference`` ``(R, D)``
+    (scikit-learn's exact ``NearestNeighbors``, in float64).
 
     Returns:
         ``(distances (N,) float64, indices (N,) int64)`` into ``reference``.
@@ -35,14 +37,9 @@ def nearest(query: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> 
                          f"(R, D) with the same D")
     if len(query) == 0 or len(reference) == 0:
         raise ValueError("nearest neighbours need at least one query and one reference row")
-    ref = reference.double()
-    dists, idxs = [], []
-    for start in range(0, len(query), chunk):
-        d = torch.cdist(query[start:start + chunk].double(), ref)
-        best = d.min(dim=1)
-        dists.append(best.values)
-        idxs.append(best.indices)
-    return torch.cat(dists), torch.cat(idxs)
+    index = NearestNeighbors(n_neighbors=1).fit(reference.double().numpy())
+    dist, idx = index.kneighbors(query.double().numpy())
+    return torch.from_numpy(dist[:, 0]), torch.from_numpy(idx[:, 0]).long()
 
 
 @dataclass
