@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -53,6 +55,15 @@ TINY_VAE = [
     "model.gmm_max_samples=512",  # the end-of-training mixture fit would otherwise encode all 55k images
 ]
 TINY = {"ddpm": TINY_DDPM, "gan": TINY_GAN, "gan_hinge_sn": TINY_GAN, "gan_wgan_gp": TINY_GAN, "vae": TINY_VAE}
+
+
+def load_script(name: str) -> Any:
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_cfg(config_name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:

@@ -3,7 +3,6 @@ found, fresh images are not, mirrored copies count when the data trains with fli
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from atelier.callbacks.checkpoint_extras import CONFIG_KEY
 from atelier.data.art_folder import ArtFolderDataModule
 from atelier.metrics.copies import copy_report, nearest
 from atelier.metrics.protocol import to_uint8
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
 
 def test_nearest_matches_brute_force() -> None:
@@ -61,9 +60,7 @@ def _save_pngs(images: torch.Tensor, folder: Path) -> None:
 
 @pytest.mark.parametrize("space", ["pixels", "features"])
 def test_script_flags_copied_and_mirrored_training_images(tmp_path: Path, space: str) -> None:
-    spec = importlib.util.spec_from_file_location("nearest_neighbours", ROOT / "scripts" / "nearest_neighbours.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("nearest_neighbours")
     _noise_folder(tmp_path / "art", 48)
     data = {"_target_": "atelier.data.art_folder.ArtFolderDataModule", "root": str(tmp_path / "art"),
             "image_size": 16, "batch_size": 4, "val_fraction": 0.25, "hflip": True, "seed": 0, "num_workers": 0}
@@ -90,9 +87,7 @@ def test_script_flags_copied_and_mirrored_training_images(tmp_path: Path, space:
 
 
 def test_script_names_a_sample_of_the_wrong_size(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("nearest_neighbours", ROOT / "scripts" / "nearest_neighbours.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("nearest_neighbours")
     _save_pngs(torch.zeros(2, 3, 24, 24), tmp_path / "big")
     with pytest.raises(ValueError, match=r"00000.png is 24x24 px; the model's training images are 16x16"):
         script.load_samples(tmp_path / "big", 3, 16)

@@ -210,16 +210,12 @@ def test_save_pretrained_writes_a_unet_and_an_edm_scheduler(tmp_path: Path) -> N
 
 def test_fid_vs_nfe_rows_take_edm_samplers_and_count_heun_nfe() -> None:
     import argparse
-    import importlib.util
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, load_script
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("fid_vs_nfe", ROOT / "scripts" / "fid_vs_nfe.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("fid_vs_nfe")
     args = argparse.Namespace(rows="edm_dpmpp-25,edm_heun-13,dpmpp-25", samplers=None, nfe=None)
     assert script.parse_rows(args) == [("edm_dpmpp", 25), ("edm_heun", 13), ("dpmpp", 25)]
     assert [script.row_nfe(s, n) for s, n in script.parse_rows(args)] == [25, 25, 25]

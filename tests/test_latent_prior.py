@@ -4,7 +4,6 @@ scripts/fit_vae_prior.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from functools import partial
@@ -23,7 +22,7 @@ from atelier.models.vae import VAE
 from atelier.nets.vae import ConvDecoder, ConvEncoder
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task
-from tests.conftest import ROOT, TINY, compose_cfg
+from tests.conftest import TINY, compose_cfg, load_script
 
 PRIOR_KEYS = ("prior.weights", "prior.means", "prior.scale_tril")
 
@@ -289,10 +288,7 @@ def test_trained_checkpoint_holds_the_mixture_and_samples_from_it(tiny_run: Path
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("fit_vae_prior", ROOT / "scripts" / "fit_vae_prior.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fit_vae_prior")
 
 
 def test_script_upgrades_a_checkpoint_without_mixture(tiny_run: Path, tmp_path: Path,

@@ -36,7 +36,7 @@ from atelier.text2image.latent_cache import LatentCache
 from atelier.text2image.sd15 import PARAMETERS, build_components, parameter_counts, sd15_tokenizer
 from atelier.text2image.weights import is_random_weights, resolve_model
 from tests import sd_fixtures
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import compose_cfg, load_script
 
 tiny_sd = sd_fixtures.tiny_sd
 caption_dir = sd_fixtures.caption_dir
@@ -286,12 +286,6 @@ def test_adamw_variants_fall_back_with_one_info_line(caplog: pytest.LogCaptureFi
 
 
 # ---------------------------------------------------------------- kohya interoperability
-def _load_script(name: str) -> object:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def test_kohya_round_trip_and_identical_generate_output(tiny_sd: Path, tmp_path: Path) -> None:
@@ -303,7 +297,7 @@ def test_kohya_round_trip_and_identical_generate_output(tiny_sd: Path, tmp_path:
             if "lora_B" in n:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
     source = module.save_lora(tmp_path / "lora")
-    convert = _load_script("convert_lora_kohya").convert
+    convert = load_script("convert_lora_kohya").convert
     kohya = convert(source.parent, tmp_path / "kohya" / "style.safetensors")
     k_tensors, k_meta = read_lora(kohya)
     assert is_kohya(k_tensors) and not is_kohya(read_lora(source)[0])

@@ -25,7 +25,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from atelier.sweeps.optuna_sweeper import judge, make_sampler
 from atelier.sweeps.search_space import SearchSpace, format_value
 from atelier.utils.loggers import run_id
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 from tests.scale_out_utils import run_train, tiny_args, train_env, wandb_run_ids
 
 # The real sweeps' structure on a tiny space: lr=1e30 makes val/loss NaN, norm_num_groups=3 raises (16 channels).
@@ -294,11 +294,7 @@ def test_sweeper_settings_are_checked_and_a_stored_study_keeps_its_direction(tmp
 
 
 def test_study_table_lists_best_complete_trial_first_then_failures(tmp_path: Path, capsys) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("study_table", ROOT / "scripts" / "study_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("study_table")
     db = tmp_path / "s.db"
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{db}", direction="minimize")
     for value in (3.0, 1.5):
