@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from atelier.data.art_folder import ArtFolderDataModule
-from atelier.data.clusters import cluster_purity
+from atelier.data.art_folder import fitted_pixels
+from atelier.data.clusters import cluster_purity, feature_vectors
+from atelier.metrics.art_features import ArtClassifierFeatures
 from atelier.data.label_counts import LABEL_COUNTS_KEY, stored_label_counts, train_label_counts
 from atelier.sampling.guidance import prior_labels
 from atelier.tasks import sample as sample_task
@@ -81,6 +83,21 @@ def test_bad_cluster_settings_name_the_key(tmp_path: Path) -> None:
     dm = ArtFolderDataModule(root, image_size=8, labels="kmeans", num_clusters=7)
     with pytest.raises(ValueError, match=r"data\.num_clusters=7 exceeds the 6 images"):
         dm.setup()
+    with pytest.raises(ValueError, match=r"data\.cluster_space='inception' is not allowed; choose one of "
+                                         r"\['pixels', 'art_features'\]"):
+        ArtFolderDataModule(root, labels="kmeans", cluster_space="inception")
+
+
+def test_feature_vectors_are_unit_length_and_do_not_depend_on_the_batch() -> None:
+    extractor = ArtClassifierFeatures()  # the pinned weights that ship with the package
+    images = torch.randint(0, 256, (7, 40, 40, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    v = feature_vectors(extractor, images, batch_size=256)
+    assert v.shape == (7, extractor.num_features) and v.dtype == torch.float32
+    norms = v.norm(dim=1)
+    assert bool(((norms - 1).abs() < 1e-5).all())
+    torch.testing.assert_close(feature_vectors(extractor, images, batch_size=3), v, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 1\|3\) images, got \(7, 3, 40, 40\)"):
+        feature_vectors(extractor, images.permute(0, 3, 1, 2))
 
 
 def test_real_paintings_cluster_and_prior_labels_follow_them() -> None:
@@ -100,6 +117,35 @@ def test_real_paintings_cluster_and_prior_labels_follow_them() -> None:
     assert purity < 0.9
     labels = evaluation_labels("prior", 600, 30, dm)
     assert ((torch.bincount(labels, minlength=30) - counts / counts.sum() * 600).abs() < 1).all()
+
+
+def test_feature_clusters_of_real_paintings_group_the_features_not_the_pixels(art_available: Path) -> None:
+    """cluster_space=art_features clusters the art classifier's features: its clusters are tighter than the pixel
+    clusters in that feature space, and looser in pixel space; they are the same at any training size."""
+    args = {"root": str(art_available), "labels": "kmeans", "num_clusters": 30, "check_images": False}
+    by_features = ArtFolderDataModule(**args, image_size=32, cluster_space="art_features")
+    by_features.setup()
+    by_pixels = ArtFolderDataModule(**args, image_size=32)
+    by_pixels.setup()
+    paths = by_features.train_set.dataset.paths
+    assert paths == by_pixels.train_set.dataset.paths
+    extractor = ArtClassifierFeatures()
+    features = feature_vectors(extractor, fitted_pixels(paths, extractor.input_size))
+    pixels = fitted_pixels(paths, 32).reshape(len(paths), -1).float() / 255
+
+    def spread(points: torch.Tensor, ids: list[int]) -> float:
+        """Mean squared distance of the points to their cluster's centre (k-means inertia per point)."""
+        labels = torch.tensor(ids)
+        centres = torch.stack([points[labels == c].mean(0) for c in range(30)])
+        return float(((points - centres[labels]) ** 2).sum(1).mean())
+
+    f_ids, p_ids = by_features.train_set.dataset.targets, by_pixels.train_set.dataset.targets
+    assert sorted(set(f_ids)) == list(range(30)) and f_ids != p_ids
+    assert spread(features, f_ids) < 0.8 * spread(features, p_ids)
+    assert spread(pixels, p_ids) < 0.8 * spread(pixels, f_ids)
+    other = ArtFolderDataModule(**args, image_size=20, cluster_space="art_features")
+    other.setup()
+    assert other.train_set.dataset.targets == f_ids
 
 
 def test_kmeans_art_experiment_trains_and_samples(tmp_path: Path) -> None:

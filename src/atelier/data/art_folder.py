@@ -11,7 +11,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
-from atelier.data.clusters import check_label_source, cluster_purity, kmeans_labels
+from atelier.data.clusters import check_label_source, cluster_purity, feature_vectors, kmeans_labels
 from atelier.data.duplicates import duplicate_sources
 from atelier.data.image_io import IMAGE_EXTENSIONS, find_images, load_rgb, split_readable
 from atelier.data.loaders import make_loader
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 __all__ = ["IMAGE_EXTENSIONS", "ArtFolderDataModule", "ImageFolderDataset", "find_images", "split_readable"]
 
 LABEL_SOURCES = ("folders", "kmeans")
+#: what data.labels=kmeans clusters: the pixels, or the penultimate features of the pinned art classifier
+CLUSTER_SPACES = ("pixels", "art_features")
 #: thumbnail size (px) at which data.dedupe compares images
 DEDUPE_SIZE = 32
 
@@ -96,8 +98,12 @@ class ArtFolderDataModule(LightningDataModule):
     Unreadable or corrupt files are skipped and reported once (count and names) at setup.
 
     With ``labels=kmeans`` the label is not the subfolder but the image's k-means cluster
-    (:func:`atelier.data.clusters.kmeans_labels` on the images fitted to ``cluster_image_size`` px, all files,
-    seeded by ``seed``; the same ids at any training size), for self-labelled conditioning (Hu et al. 2023):
+    (:func:`atelier.data.clusters.kmeans_labels`, all files, seeded by ``seed``; the same ids at any training size),
+    for self-labelled conditioning (Hu et al. 2023). ``cluster_space=pixels`` clusters the pixels of the images fitted
+    to ``cluster_image_size`` px (groups of palette and layout); ``cluster_space=art_features`` clusters the unit-
+    length penultimate features of the art classifier (:class:`~atelier.metrics.art_features.ArtClassifierFeatures`,
+    the pinned weights or ``$ATELIER_ART_CLASSIFIER``; the images are fitted to its input size), which groups
+    subjects as well (on the shared paintings one cluster gathers the portraits and peasant figures). Then
     ``num_classes`` is then ``num_clusters`` and ``classes`` are ``cluster00, cluster01, ...``. One log line gives
     the clusters' purity against the subfolders (a diagnostic; the subfolders are not used).
 
@@ -122,7 +128,9 @@ class ArtFolderDataModule(LightningDataModule):
             ``${paths.log_dir}/image_cache``).
         labels: ``folders`` (the subfolder index) or ``kmeans`` (cluster ids, see above).
         num_clusters: clusters for ``labels=kmeans``.
-        cluster_image_size: the size in px the images are clustered at for ``labels=kmeans``.
+        cluster_image_size: the size in px the images are clustered at for ``labels=kmeans`` and
+            ``cluster_space=pixels``.
+        cluster_space: what ``labels=kmeans`` clusters: ``pixels`` or ``art_features`` (see above).
         dedupe: before the split, drop every image that duplicates an earlier one (sorted paths; 32 px thumbnails
             within :data:`atelier.data.duplicates.DUPLICATE_RMS_LEVELS`), so no picture sits in both splits;
             the dropped files and what they duplicate are logged and kept in ``duplicates``.
@@ -130,8 +138,8 @@ class ArtFolderDataModule(LightningDataModule):
     Raises:
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
         ValueError: for ``channels`` not in (1, 3), a ``val_fraction`` outside ``[0, 1)``, ``cache`` without a
-            ``cache_dir``, ``labels`` not in (folders, kmeans), or ``num_clusters`` outside ``[2, 1000]`` (and, at
-            setup, above the number of images).
+            ``cache_dir``, ``labels`` not in (folders, kmeans), ``cluster_space`` not in (pixels, art_features), or
+            ``num_clusters`` outside ``[2, 1000]`` (and, at setup, above the number of images).
         OSError: when ``cache_dir`` cannot be written (at setup with ``check_images``, else while loading).
     """
 
@@ -153,6 +161,7 @@ class ArtFolderDataModule(LightningDataModule):
         num_clusters: int = 30,
         cluster_image_size: int = 32,
         dedupe: bool = False,
+        cluster_space: str = "pixels",
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -162,6 +171,8 @@ class ArtFolderDataModule(LightningDataModule):
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir (a writable folder for the resized images)")
         check_label_source(labels, LABEL_SOURCES, num_clusters)
+        if cluster_space not in CLUSTER_SPACES:
+            raise ValueError(f"data.cluster_space={cluster_space!r} is not allowed; choose one of {list(CLUSTER_SPACES)}")
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
@@ -225,16 +236,26 @@ class ArtFolderDataModule(LightningDataModule):
         hp = self.hparams
         if hp.num_clusters > len(paths):
             raise ValueError(f"data.num_clusters={hp.num_clusters} exceeds the {len(paths)} images under {self.root}")
-        clusters = kmeans_labels(fitted_pixels(paths, hp.cluster_image_size, self.cache_dir), hp.num_clusters,
-                                 seed=hp.seed)
+        if hp.cluster_space == "art_features":
+            from atelier.metrics.art_features import ArtClassifierFeatures  # only this choice needs the classifier
+
+            extractor = ArtClassifierFeatures()
+            points = feature_vectors(extractor, fitted_pixels(paths, extractor.input_size, self.cache_dir))
+            space = f"art-classifier features {extractor.weights_sha256[:16] if extractor.weights_sha256 else ''}"
+            n_init = 10  # cheap on 128 sparse features, and steadier clusters than 3 restarts
+        else:
+            points = fitted_pixels(paths, hp.cluster_image_size, self.cache_dir)
+            space = f"pixels at {hp.cluster_image_size} px"
+            n_init = 3  # as since stop 37: checkpoints re-cluster at evaluation and must get the same ids
+        clusters = kmeans_labels(points, hp.num_clusters, seed=hp.seed, n_init=n_init)
         purity = cluster_purity(clusters, torch.as_tensor(datasets[0].targets))
         for dataset in datasets:
             dataset.targets = clusters.tolist()
             dataset.classes = [f"cluster{i:02d}" for i in range(hp.num_clusters)]
         self.classes = datasets[0].classes
-        log.info("data.labels=kmeans: %d k-means clusters of the %d images (at %d px) replace the folder labels "
+        log.info("data.labels=kmeans: %d k-means clusters of the %d images (%s) replace the folder labels "
                  "(purity against the folders %.3f, a diagnostic: the folders are not used)", hp.num_clusters,
-                 len(paths), hp.cluster_image_size, purity)
+                 len(paths), space, purity)
 
     @property
     def num_classes(self) -> int:

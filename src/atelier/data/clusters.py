@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -65,3 +67,27 @@ def cluster_purity(clusters: torch.Tensor, labels: torch.Tensor) -> float:
         raise ValueError(f"clusters {tuple(clusters.shape)} and labels {tuple(labels.shape)} must be equal, non-empty")
     majority = sum(int(torch.bincount(labels[clusters == c]).max()) for c in clusters.unique())
     return majority / clusters.numel()
+
+
+def feature_vectors(extractor: Callable[[torch.Tensor], dict[str, torch.Tensor]], images: torch.Tensor,
+                    batch_size: int = 256) -> torch.Tensor:
+    """``(N, D)`` float32 unit-length feature vectors of ``images`` for clustering by content instead of pixels.
+
+    Args:
+        extractor: a feature extractor of :mod:`atelier.metrics` (e.g.
+            :class:`~atelier.metrics.art_features.ArtClassifierFeatures`): uint8 ``(B, C, H, W)`` →
+            ``{"features": (B, D)}``.
+        images: ``(N, H, W, C)`` uint8 in ``[0, 255]`` (as :func:`atelier.data.art_folder.fitted_pixels` gives).
+        batch_size: images per extractor call.
+
+    Each vector is divided by its L2 norm, so k-means on them groups by direction (cosine similarity), as
+    self-labelled diffusion clusters self-supervised features (Hu et al. 2023, "Self-Guided Diffusion Models").
+
+    Raises:
+        ValueError: for images that are not ``(N, H, W, 1|3)``.
+    """
+    if images.dim() != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"feature_vectors expects (N, H, W, 1|3) images, got {tuple(images.shape)}")
+    chunks = [extractor(images[i:i + batch_size].permute(0, 3, 1, 2).contiguous())["features"].float().cpu()
+              for i in range(0, images.shape[0], batch_size)]
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
