@@ -10,11 +10,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from atelier.data.art_folder import ArtFolderDataModule
-from atelier.data.art_folder import fitted_pixels
+from atelier.data.art_folder import ArtFolderDataModule, fitted_pixels
 from atelier.data.clusters import cluster_purity, feature_vectors
-from atelier.metrics.art_features import ArtClassifierFeatures
 from atelier.data.label_counts import LABEL_COUNTS_KEY, stored_label_counts, train_label_counts
+from atelier.metrics.art_features import ArtClassifierFeatures
 from atelier.sampling.guidance import prior_labels
 from atelier.tasks import sample as sample_task
 from atelier.tasks import train as train_task

@@ -52,6 +52,20 @@ def test_mnist_bad_channels() -> None:
         MNISTDataModule("x", channels=2)
 
 
+@pytest.mark.parametrize("module", ["mnist", "art", "captioned"])
+@pytest.mark.parametrize(("key", "value", "low"), [("batch_size", 0, 1), ("batch_size", 16.0, 1),
+                                                   ("num_workers", -1, 0), ("image_size", 0, 1)])
+def test_bad_loader_settings_are_refused_at_construction_naming_the_key(module: str, key: str, value: object,
+                                                                         low: int) -> None:
+    """Before any file is read (the folder does not exist), not deep inside the first DataLoader."""
+    from atelier.data.captioned_folder import CaptionedFolderDataModule
+
+    make = {"mnist": MNISTDataModule, "art": ArtFolderDataModule, "captioned": CaptionedFolderDataModule}[module]
+    with pytest.raises(ValueError, match=rf"data\.{key}={value!r} is not allowed; it must be an integer >= {low}"):
+        make("/nonexistent", **{key: value})
+    make("/nonexistent", batch_size=1, num_workers=0, image_size=8)  # the smallest allowed values pass
+
+
 def _write_folder(root: Path) -> None:
     rng = np.random.default_rng(0)
     for artist, n in (("monet", 5), ("sisley", 4)):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from atelier.data.clusters import check_label_source, cluster_purity, feature_vectors, kmeans_labels
 from atelier.data.duplicates import duplicate_sources
 from atelier.data.image_io import IMAGE_EXTENSIONS, find_images, load_rgb, split_readable
-from atelier.data.loaders import make_loader
+from atelier.data.loaders import check_loader_settings, make_loader
 from atelier.data.transforms import art_transform
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ class ArtFolderDataModule(LightningDataModule):
 
     Raises:
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
-        ValueError: for ``channels`` not in (1, 3), a ``val_fraction`` outside ``[0, 1)``, ``cache`` without a
+        ValueError: for ``channels`` not in (1, 3), ``batch_size`` or ``image_size`` < 1, ``num_workers`` < 0, a
+            ``val_fraction`` outside ``[0, 1)``, ``cache`` without a
             ``cache_dir``, ``labels`` not in (folders, kmeans), ``cluster_space`` not in (pixels, art_features), or
             ``num_clusters`` outside ``[2, 1000]`` (and, at setup, above the number of images).
         OSError: when ``cache_dir`` cannot be written (at setup with ``check_images``, else while loading).
@@ -166,13 +167,15 @@ class ArtFolderDataModule(LightningDataModule):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels} is not allowed; choose 1 or 3")
+        check_loader_settings(batch_size, num_workers, image_size)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if cache and not cache_dir:
             raise ValueError("data.cache=true needs data.cache_dir (a writable folder for the resized images)")
         check_label_source(labels, LABEL_SOURCES, num_clusters)
         if cluster_space not in CLUSTER_SPACES:
-            raise ValueError(f"data.cluster_space={cluster_space!r} is not allowed; choose one of {list(CLUSTER_SPACES)}")
+            raise ValueError(f"data.cluster_space={cluster_space!r} is not allowed; choose one of "
+                             f"{list(CLUSTER_SPACES)}")
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import MNIST
 
 from atelier.data.clusters import check_label_source, cluster_purity, kmeans_labels
-from atelier.data.loaders import make_loader
+from atelier.data.loaders import check_loader_settings, make_loader
 from atelier.data.transforms import mnist_transform
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ class MNISTDataModule(LightningDataModule):
         num_clusters: clusters for ``labels=kmeans``.
 
     Raises:
-        ValueError: for ``channels`` not in (1, 3), a non-positive size, or ``labels`` not in (digits, kmeans).
+        ValueError: for ``channels`` not in (1, 3), ``batch_size`` or ``image_size`` < 1, ``num_workers`` < 0, or
+            ``labels`` not in (digits, kmeans).
         FileNotFoundError: when the files are absent and ``download`` is false, naming the folder and the key.
     """
 
@@ -65,8 +66,7 @@ class MNISTDataModule(LightningDataModule):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels} is not allowed for MNIST; choose 1 or 3")
-        if image_size <= 0:
-            raise ValueError(f"data.image_size must be positive, got {image_size}")
+        check_loader_settings(batch_size, num_workers, image_size)
         if not 0 < val_size < 60000:
             raise ValueError(f"data.val_size must be in 1..59999, got {val_size}")
         check_label_source(labels, LABEL_SOURCES, num_clusters)
