@@ -182,6 +182,9 @@ def test_kmeans_art_experiment_trains_and_samples(tmp_path: Path) -> None:
     assert info["label_distribution"] == "balanced" and info["labels"] is None  # the model's one-row-per-class
     listed = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=4", "class_labels=[3,5]"], tmp_path / "listed")
     assert sample_task.requested_labels(listed, conditional=True).tolist() == [3, 3, 5, 5]  # a list wins
+    none = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=0"], tmp_path / "none")
+    with pytest.raises(ValueError, match=r"num_samples=0 is not allowed; draw at least 1 image"):
+        sample_task.run(none)
     bad = compose_cfg("sample", [f"ckpt_path={ckpt}", "label_distribution=uniform"], tmp_path / "bad")
     with pytest.raises(ValueError, match=r"label_distribution='uniform': allowed values are \['balanced', 'prior'\]"):
         sample_task.requested_labels(bad, conditional=True)

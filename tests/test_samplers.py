@@ -101,6 +101,17 @@ def test_unknown_sampler_lists_the_allowed_names() -> None:
         expected_nfe("nope", 10)
 
 
+def test_zero_images_or_zero_steps_are_refused() -> None:
+    """Before: ``num_inference_steps=0`` silently fell back to the model's default steps, and ``num_samples=0``
+    failed deep in the sampler with a torch reduction error."""
+    model = tiny_ddpm()
+    with pytest.raises(ValueError, match=r"num_inference_steps=0 is not allowed; a sampler needs at least 1 step"):
+        model.sample(2, num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"n=0: draw at least 1 image"):
+        model.sample(0, num_inference_steps=2)
+    assert model.sample(1, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).shape == (1, 1, 8, 8)
+
+
 def test_generator_and_eta_go_only_where_step_takes_them() -> None:
     config = tiny_ddpm().noise_scheduler.config
     gen = g(0)

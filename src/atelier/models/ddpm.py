@@ -330,7 +330,8 @@ class DDPM(LightningModule):
             ``(n, C, H, W)`` float32 tensor in ``[-1, 1]`` on this module's device.
 
         Raises:
-            ValueError: for an unknown sampler (the message lists the allowed names), ``labels`` or a guidance
+            ValueError: for ``n`` or ``num_inference_steps`` < 1, an unknown sampler (the message lists the allowed
+                names), ``labels`` or a guidance
                 scale other than 1 for an unconditional model, or labels of the wrong length or range, an
                 ``autoguidance_scale`` other than 1 without a ``guide``, or a ``guidance_interval`` that is not two
                 noise levels ``0 ≤ σ_lo < σ_hi``.

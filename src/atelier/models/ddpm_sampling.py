@@ -84,6 +84,10 @@ def draw(model: DDPM, n: int, generator: torch.Generator | None, sampler: str | 
          guidance_scale: float | None, autocast: bool, guide: nn.Module | None, autoguidance_scale: float,
          guidance_interval: tuple[float, float] | None) -> torch.Tensor:
     """The body of :meth:`atelier.models.ddpm.DDPM.sample` (same arguments, returns and errors)."""
+    if n < 1:
+        raise ValueError(f"n={n}: draw at least 1 image (num_samples >= 1)")
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps} is not allowed; a sampler needs at least 1 step")
     if autoguidance_scale != 1.0 and guide is None:
         raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide network (guide_ckpt_path=...)")
     interval = check_interval(guidance_interval)

@@ -289,6 +289,8 @@ def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int, choice: str | N
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Draw ``cfg.num_samples`` images; write ``grid.png``, ``images/*.png`` and ``sample_info.json``."""
     output_dir = Path(cfg.paths.output_dir)
+    if int(cfg.num_samples) < 1:
+        raise ValueError(f"num_samples={cfg.num_samples} is not allowed; draw at least 1 image")
     device = resolve_device(cfg.device)
     model = load_module(cfg.ckpt_path, ema_sigma_rel=cfg.get("ema_sigma_rel")).to(device)
     if not callable(getattr(model, "sample", None)):
