@@ -102,9 +102,9 @@ class ArtFolderDataModule(LightningDataModule):
     for self-labelled conditioning (Hu et al. 2023). ``cluster_space=pixels`` clusters the pixels of the images fitted
     to ``cluster_image_size`` px (groups of palette and layout); ``cluster_space=art_features`` clusters the unit-
     length penultimate features of the art classifier (:class:`~atelier.metrics.art_features.ArtClassifierFeatures`,
-    the pinned weights or ``$ATELIER_ART_CLASSIFIER``; the images are fitted to its input size), which groups
-    subjects as well (on the shared paintings one cluster gathers the portraits and peasant figures). Then
-    ``num_classes`` is then ``num_clusters`` and ``classes`` are ``cluster00, cluster01, ...``. One log line gives
+    always the pinned weights, so that an evaluation re-clusters to the same ids; the images are fitted to its input
+    size), which groups subjects as well (on the shared paintings one cluster gathers the portraits and peasant
+    figures). ``num_classes`` is then ``num_clusters`` and ``classes`` are ``cluster00, cluster01, ...``. One log line gives
     the clusters' purity against the subfolders (a diagnostic; the subfolders are not used).
 
     With ``cache`` the fitted ``image_size`` px images (before flips) are written once as PNGs under
