@@ -147,6 +147,29 @@ def test_feature_clusters_of_real_paintings_group_the_features_not_the_pixels(ar
     assert other.train_set.dataset.targets == f_ids
 
 
+def test_scores_warn_when_the_labels_are_clusters_of_the_yardsticks_own_features(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Feature clusters of the pinned art classifier scored with that classifier: warned (and flagged), since
+    guidance then moves samples along the compared features; any other pairing is silent."""
+    from atelier.metrics.suite import labels_share_the_features
+    from atelier.models.classifier import ClassifierNet
+
+    pinned = ArtClassifierFeatures()
+    other = ArtClassifierFeatures(net=ClassifierNet(image_size=64, channels=3, num_classes=3, width=4, feature_dim=8))
+    features = ArtFolderDataModule("/nonexistent", labels="kmeans", cluster_space="art_features")
+    pixels = ArtFolderDataModule("/nonexistent", labels="kmeans")
+    folders = ArtFolderDataModule("/nonexistent")
+    with caplog.at_level("WARNING", logger="atelier.metrics.suite"):
+        assert labels_share_the_features(pinned, features)
+    assert "k-means clusters of this extractor's features" in caplog.text and "seed=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="atelier.metrics.suite"):
+        assert not labels_share_the_features(other, features)  # another network: an independent yardstick
+        assert not labels_share_the_features(pinned, pixels)
+        assert not labels_share_the_features(pinned, folders)
+    assert caplog.text == ""
+
+
 def test_kmeans_art_experiment_trains_and_samples(tmp_path: Path) -> None:
     """The recipe composes (model.num_classes follows data.num_clusters), trains a tiny run, and evaluate.py's
     default label distribution for it is the clusters' prior."""

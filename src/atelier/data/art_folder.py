@@ -104,8 +104,8 @@ class ArtFolderDataModule(LightningDataModule):
     length penultimate features of the art classifier (:class:`~atelier.metrics.art_features.ArtClassifierFeatures`,
     always the pinned weights, so that an evaluation re-clusters to the same ids; the images are fitted to its input
     size), which groups subjects as well (on the shared paintings one cluster gathers the portraits and peasant
-    figures). ``num_classes`` is then ``num_clusters`` and ``classes`` are ``cluster00, cluster01, ...``. One log line gives
-    the clusters' purity against the subfolders (a diagnostic; the subfolders are not used).
+    figures). ``num_classes`` is then ``num_clusters`` and ``classes`` are ``cluster00, cluster01, ...``. One log
+    line gives the clusters' purity against the subfolders (a diagnostic; the subfolders are not used).
 
     With ``cache`` the fitted ``image_size`` px images (before flips) are written once as PNGs under
     ``cache_dir/<image_size>px/`` and read from there afterwards; an entry is rebuilt when its file's size or

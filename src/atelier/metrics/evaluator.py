@@ -20,7 +20,14 @@ from torch import nn
 from atelier.metrics.cache import ReferenceCache, ReferenceStats, dataset_identity, resolve_split
 from atelier.metrics.precision_recall import DEFAULT_K
 from atelier.metrics.protocol import EvalProtocol
-from atelier.metrics.suite import DEFAULT_METRICS, GenerativeMetrics, build_extractor, check_domain, check_metrics
+from atelier.metrics.suite import (
+    DEFAULT_METRICS,
+    GenerativeMetrics,
+    build_extractor,
+    check_domain,
+    check_metrics,
+    labels_share_the_features,
+)
 from atelier.sampling.interface import accepted_kwargs
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,7 @@ class Evaluator:
         self.datamodule = datamodule
         self.split, self.dataset = resolve_split(datamodule, reference_split)
         check_domain(self.extractor, self.dataset, type(datamodule).__name__)
+        self.labels_share_features = labels_share_the_features(self.extractor, datamodule)
         n = len(self.dataset)
         if reference_size is None:
             reference_size = n

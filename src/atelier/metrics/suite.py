@@ -91,6 +91,33 @@ def check_domain(extractor: nn.Module, dataset: Any, data_name: str) -> None:
             f"feature_extractor@callbacks.fid.feature_extractor=art_classifier")
 
 
+def labels_share_the_features(extractor: nn.Module, datamodule: Any) -> bool:
+    """Whether ``datamodule``'s class labels are k-means clusters of ``extractor``'s own features
+    (``data.labels=kmeans data.cluster_space=art_features`` scored with the pinned ``art_classifier``).
+
+    Then a conditional model is guided towards the centres of the very feature clusters that FID, KID, precision
+    and recall compare, and its scores are not independent of its conditioning: logs a warning that says so and
+    how to score with a second extractor. Returns ``True`` in that case (a diagnostic; nothing is refused).
+    """
+    hparams = getattr(datamodule, "hparams", None) or {}
+    if (getattr(extractor, "name", None) != "art_classifier" or hparams.get("labels") != "kmeans"
+            or hparams.get("cluster_space") != "art_features"):
+        return False
+    from atelier.metrics.pinned import pinned_path
+    from atelier.metrics.protocol import file_digest
+
+    pinned = pinned_path("art_classifier")
+    if not pinned.is_file() or getattr(extractor, "weights_sha256", None) != file_digest(pinned):
+        return False
+    log.warning("the labels of %s are k-means clusters of this extractor's features (data.cluster_space="
+                "art_features, pinned art_classifier %s): guidance moves samples along the features these scores "
+                "compare, so they are not independent of the conditioning. Score with a second extractor as well, "
+                "e.g. an art classifier trained with another seed (python train.py experiment=art_classifier seed=1;"
+                " feature_extractor.ckpt_path=<its classifier.ckpt>); docs/art.md, stop 40",
+                type(datamodule).__name__, extractor.weights_sha256)
+    return True
+
+
 def check_metrics(metrics: Sequence[str]) -> list[str]:
     """Lower-cased metric names, checked against :data:`METRICS` (error names the ``metrics`` key)."""
     names = [str(m).lower() for m in metrics]
