@@ -137,3 +137,17 @@ def test_unknown_group_option_names_the_allowed_ones() -> None:
 def test_unknown_key_is_named() -> None:
     with pytest.raises(Exception, match="not_a_key"):
         compose_cfg("train", ["model.not_a_key=1"])
+
+
+def test_feature_cluster_gan_is_the_art_gan_on_30_feature_clusters(tmp_path) -> None:
+    base = compose_cfg("train", ["experiment=gan_art_cpu"], tmp_path)
+    cfg = compose_cfg("train", ["experiment=gan_featclusters_art_cpu"], tmp_path)
+    assert cfg.task_name == "gan_featclusters_art_cpu" and cfg.sampling.label_distribution == "prior"
+    assert (cfg.data.labels, cfg.data.cluster_space, cfg.data.num_clusters) == ("kmeans", "art_features", 30)
+    assert cfg.model.generator.num_classes == cfg.model.discriminator.num_classes == 30
+    for key in ("loss", "n_critic", "diffaugment", "ema_decay", "optimizer_g", "optimizer_d"):
+        assert cfg.model[key] == base.model[key], key
+    assert cfg.callbacks.time_budget == base.callbacks.time_budget and cfg.data.image_size == base.data.image_size
+    model = hydra.utils.instantiate(cfg.model)
+    images = model.sample(4, generator=torch.Generator().manual_seed(0), labels=torch.tensor([0, 10, 26, 29]))
+    assert images.shape == (4, 3, 64, 64) and float(images.abs().max()) <= 1

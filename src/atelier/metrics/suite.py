@@ -98,7 +98,8 @@ def labels_share_the_features(extractor: nn.Module, datamodule: Any) -> bool:
     Then a conditional model is guided towards the centres of the very feature clusters that FID, KID, precision
     and recall compare, and its scores are not independent of its conditioning (matching a feature network's class
     histogram lowers FID without better images: Kynkäänniemi et al. 2023, "The Role of ImageNet Classes in Fréchet
-    Inception Distance"): logs a warning that says so and how to score with a second extractor. Returns ``True`` in that case (a diagnostic; nothing is refused).
+    Inception Distance"): logs a warning that says so and how to score with a second extractor. Returns ``True``
+    in that case (a diagnostic; nothing is refused).
     """
     hparams = getattr(datamodule, "hparams", None) or {}
     if (getattr(extractor, "name", None) != "art_classifier" or hparams.get("labels") != "kmeans"
