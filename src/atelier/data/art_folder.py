@@ -138,9 +138,9 @@ class ArtFolderDataModule(LightningDataModule):
     Raises:
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
         ValueError: for ``channels`` not in (1, 3), ``batch_size`` or ``image_size`` < 1, ``num_workers`` < 0, a
-            ``val_fraction`` outside ``[0, 1)``, ``cache`` without a
-            ``cache_dir``, ``labels`` not in (folders, kmeans), ``cluster_space`` not in (pixels, art_features), or
-            ``num_clusters`` outside ``[2, 1000]`` (and, at setup, above the number of images).
+            ``val_fraction`` outside ``[0, 1)``, ``cache`` without a ``cache_dir``, ``labels`` not in (folders,
+            kmeans), ``cluster_space`` not in (pixels, art_features), or ``num_clusters`` outside ``[2, 1000]`` (and,
+            at setup, above the number of images).
         OSError: when ``cache_dir`` cannot be written (at setup with ``check_images``, else while loading).
     """
 
@@ -244,7 +244,7 @@ class ArtFolderDataModule(LightningDataModule):
 
             extractor = ArtClassifierFeatures()
             points = feature_vectors(extractor, fitted_pixels(paths, extractor.input_size, self.cache_dir))
-            space = f"art-classifier features {extractor.weights_sha256[:16] if extractor.weights_sha256 else ''}"
+            space = f"art-classifier features {extractor.weights_sha256}"
             n_init = 10  # cheap on 128 sparse features, and steadier clusters than 3 restarts
         else:
             points = fitted_pixels(paths, hp.cluster_image_size, self.cache_dir)
