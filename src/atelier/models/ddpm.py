@@ -331,10 +331,9 @@ class DDPM(LightningModule):
 
         Raises:
             ValueError: for ``n`` or ``num_inference_steps`` < 1, an unknown sampler (the message lists the allowed
-                names), ``labels`` or a guidance
-                scale other than 1 for an unconditional model, or labels of the wrong length or range, an
-                ``autoguidance_scale`` other than 1 without a ``guide``, or a ``guidance_interval`` that is not two
-                noise levels ``0 ≤ σ_lo < σ_hi``.
+                names), ``labels`` or a guidance scale other than 1 for an unconditional model, labels of the wrong
+                length or range, an ``autoguidance_scale`` other than 1 without a ``guide``, or a
+                ``guidance_interval`` that is not two noise levels ``0 ≤ σ_lo < σ_hi``.
         """
         return draw(self, n, generator, sampler, num_inference_steps, eta, batch_size, use_ema, labels,
                     guidance_scale, autocast, guide, autoguidance_scale, guidance_interval)

@@ -287,7 +287,12 @@ def grid_nrow(model: L.LightningModule, cfg: DictConfig, n: int, choice: str | N
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Draw ``cfg.num_samples`` images; write ``grid.png``, ``images/*.png`` and ``sample_info.json``."""
+    """Draw ``cfg.num_samples`` images; write ``grid.png``, ``images/*.png`` and ``sample_info.json``.
+
+    Raises:
+        ValueError: for ``num_samples`` < 1 (before the checkpoint is read), and the model's own sampling errors.
+        TypeError: for an image-to-image checkpoint (style transfer, restoration), which has no ``sample``.
+    """
     output_dir = Path(cfg.paths.output_dir)
     if int(cfg.num_samples) < 1:
         raise ValueError(f"num_samples={cfg.num_samples} is not allowed; draw at least 1 image")
