@@ -19,7 +19,7 @@ from torch import nn
 
 from atelier.metrics.cache import ReferenceCache, ReferenceStats, dataset_identity, resolve_split
 from atelier.metrics.precision_recall import DEFAULT_K
-from atelier.metrics.protocol import EvalProtocol
+from atelier.metrics.protocol import EvalProtocol, to_uint8
 from atelier.metrics.suite import (
     DEFAULT_METRICS,
     GenerativeMetrics,
@@ -180,6 +180,16 @@ class Evaluator:
         return {"metrics": values, "protocol": self.protocol(kwargs).to_dict(), "timing": timing,
                 "reference_cache_hit": self.cache_hit}
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` float32 extractor features (on the CPU) of generated ``images`` ``(N, C, H, W)`` (float in
+        ``[-1, 1]`` or uint8), prepared as :meth:`evaluate` prepares samples: resized to ``sample_image_size``,
+        quantised to uint8, in batches of ``batch_size``; the same space as ``reference().features``."""
+        out = []
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = self._resized(images[start:start + self.batch_size]).to(self.device)
+            out.append(self.extractor(to_uint8(batch))["features"].float().cpu())
+        return torch.cat(out)
 
     def _resized(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` generated images at ``sample_image_size`` (bilinear, antialiased; same value range)."""
