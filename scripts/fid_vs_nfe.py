@@ -53,9 +53,10 @@ def row_nfe(sampler: str, steps: int) -> int:
 def extractor_args(parser: argparse.ArgumentParser) -> None:
     """Options shared with scripts/compare.py: extractor, reference and sample counts."""
     parser.add_argument("--feature-extractor", default="mnist_classifier",
-                        choices=["mnist_classifier", "art_classifier", "inception"])
+                        choices=["mnist_classifier", "art_classifier", "art_simclr", "inception"])
     parser.add_argument("--classifier-ckpt", default=None,
-                        help="domain classifier (default: $ATELIER_MNIST_CLASSIFIER / $ATELIER_ART_CLASSIFIER, else "
+                        help="domain network (default: $ATELIER_<NAME> of --feature-extractor, e.g. "
+                             "$ATELIER_ART_CLASSIFIER, else "
                              "the pinned weights, atelier.metrics.pinned)")
     parser.add_argument("--reference-image-size", type=int, default=None,
                         help="reference images at this size (px), default: the checkpoint's data.image_size")
@@ -124,7 +125,7 @@ def make_evaluator(args: argparse.Namespace, ckpt: str) -> Evaluator:
     if args.feature_extractor == "inception":
         extractor["weights_path"] = args.inception_weights
     else:
-        env = "ATELIER_MNIST_CLASSIFIER" if args.feature_extractor == "mnist_classifier" else "ATELIER_ART_CLASSIFIER"
+        env = f"ATELIER_{args.feature_extractor.upper()}"
         extractor["ckpt_path"] = args.classifier_ckpt or os.environ.get(env)  # None: the pinned weights
     datamodule = reference_datamodule(ckpt, getattr(args, "data_dir", None), image_size=args.reference_image_size)
     return Evaluator(extractor, datamodule, args.metrics.split(","), args.num_samples,

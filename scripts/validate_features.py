@@ -1,6 +1,7 @@
 """Does a feature extractor measure what it should? FID/KID/precision/recall of real vs real and real vs degraded.
 
     python scripts/validate_features.py                                 # the art classifier on the art folder
+    python scripts/validate_features.py --feature-extractor art_simclr  # the self-supervised art network
     python scripts/validate_features.py --seeds 0 1 2 --csv docs/art_features_validation.csv
 
 The folder's images (all of them, at ``--image-size``, no flips) are split at random into two disjoint halves A
@@ -66,8 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_dir = Path(os.environ.get("ATELIER_DATA_DIR", ROOT.parent / "shared" / "data"))
     parser.add_argument("--root", type=Path, default=data_dir / "art")
-    parser.add_argument("--classifier-ckpt", default=os.environ.get("ATELIER_ART_CLASSIFIER"),
-                        help="default: $ATELIER_ART_CLASSIFIER, else the pinned weights (atelier.metrics.pinned)")
+    parser.add_argument("--feature-extractor", default="art_classifier", choices=["art_classifier", "art_simclr"],
+                        help="the art classifier (artist labels) or the self-supervised network (no labels)")
+    parser.add_argument("--classifier-ckpt", default=None,
+                        help="default: $ATELIER_ART_CLASSIFIER / $ATELIER_ART_SIMCLR, else the pinned weights "
+                             "(atelier.metrics.pinned)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/image_cache"))
@@ -76,7 +80,8 @@ def main() -> None:
                         help="also score B resized down to these sizes (px): a perfect model's floor at that size")
     args = parser.parse_args()
 
-    extractor = build_extractor({"name": "art_classifier", "ckpt_path": args.classifier_ckpt})
+    ckpt = args.classifier_ckpt or os.environ.get(f"ATELIER_{args.feature_extractor.upper()}")
+    extractor = build_extractor({"name": args.feature_extractor, "ckpt_path": ckpt})
     images = load_images(args.root, args.image_size, args.cache_dir)
     print(f"{len(images)} images at {args.image_size} px from {args.root}; extractor {extractor.weights} "
           f"(sha256 {extractor.weights_sha256}), {extractor.feature_layer}")

@@ -46,13 +46,15 @@ class ArtClassifierFeatures(nn.Module):
     """
 
     name = EXPERIMENT
+    env_var = ENV_VAR
+    what = "art classifier"
 
     def __init__(self, ckpt_path: str | Path | None = None, antialias: bool = True, net: nn.Module | None = None
                  ) -> None:
         super().__init__()
         if net is None:
-            ckpt_path = classifier_ckpt(ckpt_path, EXPERIMENT)
-            net = load_classifier_net(ckpt_path, EXPERIMENT, ENV_VAR, "art classifier")
+            ckpt_path = classifier_ckpt(ckpt_path, self.name)
+            net = load_classifier_net(ckpt_path, self.name, self.env_var, self.what)
         self.net = net.eval().requires_grad_(False)
         self.antialias = bool(antialias)
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
@@ -100,3 +102,30 @@ class ArtClassifierFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 ``(B, 1|3, H, W)`` → ``{"features": (B, D), "logits": (B, num_classes)}`` float32."""
         return classifier_outputs(self.net, self.preprocess(images.to(next(self.net.parameters()).device)))
+
+
+class ArtSimCLRFeatures(ArtClassifierFeatures):
+    """Features of the self-supervised painting network (:class:`atelier.models.simclr.SimCLR`, ``python train.py
+    experiment=art_simclr``): a second art yardstick that no label shaped.
+
+    Input and preprocessing as :class:`ArtClassifierFeatures`. Output: ``{"features": (B, feature_dim) float32
+    (≥ 0)}`` only: the network's head is a contrastive projection, not a classifier, so there are no logits, no IS
+    and no class histogram (``num_classes`` is 0). Args and errors as :class:`ArtClassifierFeatures`; the default
+    checkpoint is the pinned ``art_simclr`` weights, ``$ATELIER_ART_SIMCLR`` overrides it in the config.
+    """
+
+    name = "art_simclr"
+    env_var = "ATELIER_ART_SIMCLR"
+    what = "self-supervised art network"
+
+    def __init__(self, ckpt_path: str | Path | None = None, antialias: bool = True, net: nn.Module | None = None
+                 ) -> None:
+        super().__init__(ckpt_path, antialias, net)
+        self.num_classes = 0
+        self.feature_layer = f"representation before the projection ({self.num_features})"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 ``(B, 1|3, H, W)`` → ``{"features": (B, D)}`` float32."""
+        x = self.preprocess(images.to(next(self.net.parameters()).device))
+        return {"features": self.net.features(x).float()}

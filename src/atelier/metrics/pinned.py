@@ -4,9 +4,10 @@ FID, KID, precision and recall on a domain classifier's features are comparable 
 (the protocol records the SHA-256 of the file). A retrained classifier is a new file, with other weights on
 another kind of CPU, so the weights behind every documented figure are in the package
 (``atelier/metrics/weights/<name>.ckpt``, written by ``scripts/pin_feature_weights.py``).
-``feature_extractor=mnist_classifier`` and ``art_classifier`` read them unless ``feature_extractor.ckpt_path``
-(or ``$ATELIER_MNIST_CLASSIFIER`` / ``$ATELIER_ART_CLASSIFIER``) names another checkpoint, e.g. one just trained
-with ``python train.py experiment=<name>``.
+``feature_extractor=mnist_classifier``, ``art_classifier`` and ``art_simclr`` (the self-supervised art network)
+read them unless ``feature_extractor.ckpt_path`` (or ``$ATELIER_<NAME>``: ``$ATELIER_MNIST_CLASSIFIER``,
+``$ATELIER_ART_CLASSIFIER``, ``$ATELIER_ART_SIMCLR``) names another checkpoint, e.g. one just trained with
+``python train.py experiment=<name>``.
 """
 
 from __future__ import annotations

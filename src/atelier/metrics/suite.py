@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "is", "precision", "recall")
 #: the metrics computed when none are named
 DEFAULT_METRICS = ("fid", "kid", "is")
-EXTRACTORS = ("mnist_classifier", "art_classifier", "inception")
+EXTRACTORS = ("mnist_classifier", "art_classifier", "art_simclr", "inception")
 DEFAULT_KID_SUBSET_SIZE = 1000
 
 
@@ -60,6 +60,10 @@ def build_extractor(cfg: Mapping[str, Any] | nn.Module) -> nn.Module:
         from atelier.metrics.art_features import ArtClassifierFeatures
 
         return ArtClassifierFeatures(**options)
+    if name == "art_simclr":
+        from atelier.metrics.art_features import ArtSimCLRFeatures
+
+        return ArtSimCLRFeatures(**options)
     if name == "inception":
         from atelier.metrics.inception import InceptionFeatures
 
@@ -199,6 +203,10 @@ class GenerativeMetrics(nn.Module):
                 self.kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, reset_real_features=False,
                                                    sync_on_compute=False)
             if "is" in self.names:
+                if not int(getattr(extractor, "num_classes", 0) or 0):
+                    raise ValueError(f"metrics: is needs class logits, and feature_extractor="
+                                     f"{getattr(extractor, 'name', type(extractor).__name__)} has none; drop is "
+                                     f"(e.g. metrics=[fid,kid,precision,recall])")
                 logits = FeatureHead(self.shared, "logits", int(extractor.num_classes))
                 self.inception_score = InceptionScore(feature=logits, splits=is_splits, sync_on_compute=False)
         if "precision" in self.names or "recall" in self.names:
