@@ -87,6 +87,30 @@ def test_bad_cluster_settings_name_the_key(tmp_path: Path) -> None:
         ArtFolderDataModule(root, labels="kmeans", cluster_space="inception")
 
 
+def test_keep_labels_trains_on_the_chosen_classes_only(tmp_path: Path) -> None:
+    kinds = colour_folder(tmp_path / "art")
+    args = {"root": str(tmp_path / "art"), "batch_size": 4, "val_fraction": 0.25, "hflip": False, "image_size": 8}
+    by_name = ArtFolderDataModule(**args, keep_labels=["b"])  # a folder by name: the 12 files of folder b
+    by_name.setup()
+    assert by_name.classes == ["b"] and by_name.num_classes == 1
+    seen = [by_name.train_set.dataset.paths[i] for i in [*by_name.train_set.indices, *by_name.val_set.indices]]
+    assert len(seen) == 12 and {p.parent.name for p in seen} == {"b"}
+    assert len(by_name.val_set) == 3 and {int(y) for _, y in by_name.train_set} == {0}  # renumbered
+    full = ArtFolderDataModule(**args, labels="kmeans", num_clusters=3, cluster_image_size=8)
+    full.setup()
+    cluster_of = all_labels(full)
+    wanted = cluster_of["img01.png"]
+    kept = ArtFolderDataModule(**args, labels="kmeans", num_clusters=3, cluster_image_size=8, keep_labels=[wanted])
+    kept.setup()
+    files = {kept.train_set.dataset.paths[i].name for i in [*kept.train_set.indices, *kept.val_set.indices]}
+    assert files == {n for n, c in cluster_of.items() if c == wanted}  # the cluster, formed on all 24 images
+    assert {kinds[n] for n in files} == {kinds["img01.png"]} and kept.classes == [f"cluster{wanted:02d}"]
+    with pytest.raises(ValueError, match=r"data\.keep_labels: 'c' is not a class here; choose names of \['a', 'b'\]"):
+        ArtFolderDataModule(**args, keep_labels=["c"]).setup()
+    with pytest.raises(ValueError, match=r"data\.keep_labels=\[\] keeps nothing"):
+        ArtFolderDataModule(**args, keep_labels=[])
+
+
 def test_feature_vectors_are_unit_length_and_do_not_depend_on_the_batch() -> None:
     extractor = ArtClassifierFeatures()  # the pinned weights that ship with the package
     images = torch.randint(0, 256, (7, 40, 40, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

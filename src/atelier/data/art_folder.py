@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +131,11 @@ class ArtFolderDataModule(LightningDataModule):
         cluster_image_size: the size in px the images are clustered at for ``labels=kmeans`` and
             ``cluster_space=pixels``.
         cluster_space: what ``labels=kmeans`` clusters: ``pixels`` or ``art_features`` (see above).
+        keep_labels: train and validate on these classes only (folder names or indices with ``labels=folders``,
+            cluster ids with ``labels=kmeans``; the clusters are still formed on every image, so the ids stay
+            those of the whole folder); the kept classes are renumbered ``0..len(keep_labels) - 1`` in the given
+            order. ``None``: all. E.g. ``data.labels=kmeans data.cluster_space=art_features data.keep_labels=[10]``
+            trains on the shared paintings' figure cluster alone.
         dedupe: before the split, drop every image that duplicates an earlier one (sorted paths; 32 px thumbnails
             within :data:`atelier.data.duplicates.DUPLICATE_RMS_LEVELS`), so no picture sits in both splits;
             the dropped files and what they duplicate are logged and kept in ``duplicates``.
@@ -139,8 +144,8 @@ class ArtFolderDataModule(LightningDataModule):
         FileNotFoundError: when ``root`` does not exist or holds no readable image, naming the path.
         ValueError: for ``channels`` not in (1, 3), ``batch_size`` or ``image_size`` < 1, ``num_workers`` < 0, a
             ``val_fraction`` outside ``[0, 1)``, ``cache`` without a ``cache_dir``, ``labels`` not in (folders,
-            kmeans), ``cluster_space`` not in (pixels, art_features), or ``num_clusters`` outside ``[2, 1000]`` (and,
-            at setup, above the number of images).
+            kmeans), ``cluster_space`` not in (pixels, art_features), ``num_clusters`` outside ``[2, 1000]`` (and,
+            at setup, above the number of images), an empty ``keep_labels`` or (at setup) one that names no class.
         OSError: when ``cache_dir`` cannot be written (at setup with ``check_images``, else while loading).
     """
 
@@ -163,6 +168,7 @@ class ArtFolderDataModule(LightningDataModule):
         cluster_image_size: int = 32,
         dedupe: bool = False,
         cluster_space: str = "pixels",
+        keep_labels: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -176,6 +182,8 @@ class ArtFolderDataModule(LightningDataModule):
         if cluster_space not in CLUSTER_SPACES:
             raise ValueError(f"data.cluster_space={cluster_space!r} is not allowed; choose one of "
                              f"{list(CLUSTER_SPACES)}")
+        if keep_labels is not None and len(keep_labels) == 0:
+            raise ValueError("data.keep_labels=[] keeps nothing; list classes to keep, or null for all")
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache and cache_dir else None
@@ -214,13 +222,39 @@ class ArtFolderDataModule(LightningDataModule):
         self.classes = train_full.classes
         if hp.labels == "kmeans":
             self._use_clusters(paths, train_full, val_full)
-        n_val = round(len(paths) * hp.val_fraction)
-        if n_val == 0 or n_val >= len(paths):
-            n_val = min(1, len(paths) - 1) if hp.val_fraction > 0 else 0
+        kept = list(range(len(paths)))
+        if hp.keep_labels is not None:
+            kept = self._keep(list(hp.keep_labels), train_full, val_full)
+        n_val = round(len(kept) * hp.val_fraction)
+        if n_val == 0 or n_val >= len(kept):
+            n_val = min(1, len(kept) - 1) if hp.val_fraction > 0 else 0
         generator = torch.Generator().manual_seed(hp.seed)
-        train_idx, val_idx = random_split(range(len(paths)), [len(paths) - n_val, n_val], generator=generator)
-        self.train_set = Subset(train_full, list(train_idx))
-        self.val_set = Subset(val_full, list(val_idx)) if n_val else Subset(val_full, list(train_idx)[:1])
+        train_pos, val_pos = random_split(range(len(kept)), [len(kept) - n_val, n_val], generator=generator)
+        train_idx, val_idx = [kept[i] for i in train_pos], [kept[i] for i in val_pos]
+        self.train_set = Subset(train_full, train_idx)
+        self.val_set = Subset(val_full, val_idx) if n_val else Subset(val_full, train_idx[:1])
+
+    def _keep(self, wanted: list[int | str], *datasets: ImageFolderDataset) -> list[int]:
+        """Indices of the images whose class is in ``wanted`` (names or indices of ``self.classes``); renumbers the
+        kept classes ``0..len(wanted) - 1`` in ``datasets`` (same images) and ``self.classes``."""
+        ids = []
+        for w in wanted:
+            if isinstance(w, str) and w in self.classes:
+                ids.append(self.classes.index(w))
+            elif isinstance(w, int) and 0 <= w < len(self.classes):
+                ids.append(w)
+            else:
+                raise ValueError(f"data.keep_labels: {w!r} is not a class here; choose names of {self.classes} "
+                                 f"or indices 0..{len(self.classes) - 1}")
+        new_id = {old: new for new, old in enumerate(dict.fromkeys(ids))}
+        kept = [i for i, t in enumerate(datasets[0].targets) if t in new_id]
+        for dataset in datasets:
+            dataset.targets = [new_id.get(t, -1) for t in dataset.targets]
+            dataset.classes = [self.classes[old] for old in new_id]
+        self.classes = datasets[0].classes
+        log.info("data.keep_labels=%s: %d of %d images in %d class(es) %s", list(wanted), len(kept),
+                 len(datasets[0].targets), len(self.classes), self.classes)
+        return kept
 
     def _drop_duplicates(self, paths: list[Path]) -> list[Path]:
         """``paths`` without the images that duplicate an earlier one (``self.duplicates``: (dropped, kept))."""
