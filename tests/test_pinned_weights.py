@@ -23,6 +23,7 @@ def test_default_config_reads_the_packaged_weights(name: str, tmp_path: Path, mo
                                                    ) -> None:
     monkeypatch.delenv("ATELIER_MNIST_CLASSIFIER", raising=False)
     monkeypatch.delenv("ATELIER_ART_CLASSIFIER", raising=False)
+    monkeypatch.delenv("ATELIER_ART_SIMCLR", raising=False)
     cfg = compose_cfg("evaluate", ["ckpt_path=x.ckpt", f"feature_extractor={name}"], tmp_path)
     options = OmegaConf.to_container(cfg.feature_extractor, resolve=True)
     assert options["ckpt_path"] is None
@@ -30,8 +31,7 @@ def test_default_config_reads_the_packaged_weights(name: str, tmp_path: Path, mo
     assert path.is_file() and path.parent.name == "weights" and classifier_ckpt(None, name) == path
     extractor = build_extractor(options)
     assert extractor.weights == str(path) and extractor.weights_sha256 == file_digest(path)
-    monkeypatch.setenv("ATELIER_MNIST_CLASSIFIER" if name == "mnist_classifier" else "ATELIER_ART_CLASSIFIER",
-                       "/elsewhere/classifier.ckpt")  # the variable still wins over the pinned file
+    monkeypatch.setenv(f"ATELIER_{name.upper()}", "/elsewhere/classifier.ckpt")  # the variable still wins
     cfg = compose_cfg("evaluate", ["ckpt_path=x.ckpt", f"feature_extractor={name}"], tmp_path)
     assert cfg.feature_extractor.ckpt_path == "/elsewhere/classifier.ckpt"
     with pytest.raises(ValueError, match="pinned"):
@@ -69,6 +69,28 @@ def test_pinned_art_classifier_recognises_the_artists() -> None:
     accuracy = (out["logits"].argmax(1) == labels).float().mean().item()
     majority = labels.bincount().max().item() / len(labels)
     assert len(labels) == 300 and accuracy > majority + 0.1, (accuracy, majority)  # val/acc 0.663 when pinned
+
+
+def test_pinned_art_simclr_features_carry_the_artists_without_having_seen_them() -> None:
+    from atelier.data.art_folder import ArtFolderDataModule
+    from atelier.models.simclr import leave_one_out_knn_accuracy
+
+    root = DATA_DIR / "art"
+    if not any(root.glob("*/*.jpg")):
+        pytest.fail(f"the art folder is needed in {root}: set ATELIER_DATA_DIR to ../shared/data")
+    # the art_simclr experiment's split (val_fraction 0.15, seed 0): paintings it did not train on
+    dm = ArtFolderDataModule(str(root), image_size=64, batch_size=50, num_workers=0, val_fraction=0.15,
+                             check_images=False)
+    dm.setup("fit")
+    batches = list(itertools.islice(dm.val_dataloader(), 6))
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    extractor = build_extractor({"name": "art_simclr", "ckpt_path": None})
+    out = extractor(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    assert set(out) == {"features"} and out["features"].shape == (300, extractor.num_features)
+    accuracy = leave_one_out_knn_accuracy(out["features"], labels, k=5)
+    majority = labels.bincount().max().item() / len(labels)
+    # trained without labels; val/knn_acc 0.61 on the whole held-out split when pinned
+    assert accuracy > majority + 0.1, (accuracy, majority)
 
 
 def test_pinning_keeps_the_features_and_drops_the_training_state(tmp_path: Path, mnist_available: Path) -> None:

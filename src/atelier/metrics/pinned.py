@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 #: extractors with packaged weights; each is trained by ``python train.py experiment=<name>``
-PINNED = ("mnist_classifier", "art_classifier")
+PINNED = ("mnist_classifier", "art_classifier", "art_simclr")
 
 
 def pinned_path(name: str) -> Path:
