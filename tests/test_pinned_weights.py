@@ -52,40 +52,37 @@ def test_pinned_mnist_classifier_recognises_real_digits(mnist_available: Path) -
     assert accuracy > 0.97, accuracy  # a trained classifier (val/acc 0.991 when pinned), not random weights
 
 
-def test_pinned_art_classifier_recognises_the_artists() -> None:
+def held_out_paintings() -> tuple[torch.Tensor, torch.Tensor]:
+    """300 paintings of the art experiments' validation split (val_fraction 0.15, seed 0: neither the art classifier
+    nor the SimCLR network trained on them) as uint8 ``(300, 3, 64, 64)``, and their artist labels ``(300,)``."""
     from atelier.data.art_folder import ArtFolderDataModule
 
     root = DATA_DIR / "art"
     if not any(root.glob("*/*.jpg")):
         pytest.fail(f"the art folder is needed in {root}: set ATELIER_DATA_DIR to ../shared/data")
-    # the art_classifier experiment's split (val_fraction 0.15, seed 0): paintings it did not train on
     dm = ArtFolderDataModule(str(root), image_size=64, batch_size=50, num_workers=0, val_fraction=0.15,
                              check_images=False)
     dm.setup("fit")
     batches = list(itertools.islice(dm.val_dataloader(), 6))
     images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    extractor = build_extractor({"name": "art_classifier", "ckpt_path": None})
-    out = extractor(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    assert len(labels) == 300
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), labels
+
+
+def test_pinned_art_classifier_recognises_the_artists() -> None:
+    images, labels = held_out_paintings()
+    out = build_extractor({"name": "art_classifier", "ckpt_path": None})(images)
     accuracy = (out["logits"].argmax(1) == labels).float().mean().item()
     majority = labels.bincount().max().item() / len(labels)
-    assert len(labels) == 300 and accuracy > majority + 0.1, (accuracy, majority)  # val/acc 0.663 when pinned
+    assert accuracy > majority + 0.1, (accuracy, majority)  # val/acc 0.663 when pinned
 
 
 def test_pinned_art_simclr_features_carry_the_artists_without_having_seen_them() -> None:
-    from atelier.data.art_folder import ArtFolderDataModule
     from atelier.models.simclr import leave_one_out_knn_accuracy
 
-    root = DATA_DIR / "art"
-    if not any(root.glob("*/*.jpg")):
-        pytest.fail(f"the art folder is needed in {root}: set ATELIER_DATA_DIR to ../shared/data")
-    # the art_simclr experiment's split (val_fraction 0.15, seed 0): paintings it did not train on
-    dm = ArtFolderDataModule(str(root), image_size=64, batch_size=50, num_workers=0, val_fraction=0.15,
-                             check_images=False)
-    dm.setup("fit")
-    batches = list(itertools.islice(dm.val_dataloader(), 6))
-    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    images, labels = held_out_paintings()
     extractor = build_extractor({"name": "art_simclr", "ckpt_path": None})
-    out = extractor(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    out = extractor(images)
     assert set(out) == {"features"} and out["features"].shape == (300, extractor.num_features)
     accuracy = leave_one_out_knn_accuracy(out["features"], labels, k=5)
     majority = labels.bincount().max().item() / len(labels)
