@@ -58,8 +58,9 @@ class Evaluator:
     Raises:
         ValueError: for unknown metrics, fewer than 2 samples, a non-positive batch size or
             ``sample_image_size``, a ``reference_size`` outside the split, (with precision/recall) ``prc_k``
-            not below ``min(num_samples, reference_size)``, or a domain classifier given data of another domain
-            (the MNIST classifier and RGB images: :func:`~atelier.metrics.suite.check_domain`).
+            not below ``min(num_samples, reference_size)``, ``is`` with an extractor without class logits
+            (``art_simclr``), or a domain classifier given data of another domain (the MNIST classifier and RGB
+            images: :func:`~atelier.metrics.suite.check_domain`).
     """
 
     def __init__(self, feature_extractor: Mapping[str, Any] | nn.Module, datamodule: Any,

@@ -184,6 +184,10 @@ class GenerativeMetrics(nn.Module):
             than the number of generated or reference images is an error.
         is_splits: Inception-Score splits.
         class_histogram: count the extractor's predicted classes (default: for domain classifiers, not Inception).
+
+    Raises:
+        ValueError: for unknown metric names, or ``is`` with an extractor that has no class logits
+            (``num_classes`` 0, e.g. ``art_simclr``).
     """
 
     def __init__(self, extractor: nn.Module, metrics: Sequence[str] = DEFAULT_METRICS, kid_subsets: int = 100,
