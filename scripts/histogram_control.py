@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from fid_vs_nfe import extractor_args, label_args, make_evaluator
 
+from atelier.metrics.evaluator import sample_batches
 from atelier.metrics.histogram_match import histogram_control
 from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.loop import autocast_kwargs
@@ -32,17 +33,13 @@ COLUMNS = ["subset", "fid", "kid", "kid_std", "precision", "recall"]
 
 def draw_pool(model: torch.nn.Module, size: int, batch_size: int, seed: int, labels: torch.Tensor | None,
               options: dict) -> torch.Tensor:
-    """``(size, C, H, W)`` float samples of ``model`` in ``[-1, 1]``, drawn in batches from one seeded generator;
-    ``labels`` ``(size,)`` int64 for a class-conditional model."""
+    """``(size, C, H, W)`` float samples of ``model`` in ``[-1, 1]`` on the CPU, drawn in batches from one seeded
+    generator (:func:`atelier.metrics.evaluator.sample_batches`); ``labels`` ``(size,)`` int64 for a
+    class-conditional model."""
     generator = torch.Generator().manual_seed(seed)
-    kwargs = accepted_kwargs(model, options)
-    out = []
     with torch.no_grad():
-        for start in range(0, size, batch_size):
-            b = min(batch_size, size - start)
-            extra = {} if labels is None else {"labels": labels[start:start + b]}
-            out.append(model.sample(b, generator=generator, **kwargs, **extra).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+        batches = sample_batches(model, size, batch_size, generator, labels, accepted_kwargs(model, options))
+        return torch.cat([images.float().clamp(-1, 1).cpu() for images, _, _ in batches])
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,18 +157,9 @@ class Evaluator:
         generator = torch.Generator().manual_seed(self.seed)
         sampling_seconds = 0.0
         start_all = time.perf_counter()
-        takes_batch_size = _takes_batch_size(model)
-        for start in range(0, self.num_samples, self.batch_size):
-            b = min(self.batch_size, self.num_samples - start)
-            batch_kwargs = dict(kwargs)
-            batch_labels = None if labels is None else labels[start:start + b]
-            if batch_labels is not None:
-                batch_kwargs["labels"] = batch_labels
-            if takes_batch_size:
-                batch_kwargs["batch_size"] = b
-            t0 = time.perf_counter()
-            images = model.sample(b, generator=generator, **batch_kwargs)
-            sampling_seconds += time.perf_counter() - t0
+        for images, batch_labels, seconds in sample_batches(model, self.num_samples, self.batch_size, generator,
+                                                            labels, kwargs):
+            sampling_seconds += seconds
             self.metrics.update(self._resized(images).to(self.device), labels=batch_labels)
         values = self.metrics.compute(seed=self.seed)
         shared = self.metrics.shared
@@ -198,6 +189,38 @@ class Evaluator:
         if size is None or tuple(images.shape[-2:]) == (size, size):
             return images
         return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def sample_batches(model: Any, n: int, batch_size: int, generator: torch.Generator,
+                   labels: torch.Tensor | None = None, options: Mapping[str, Any] | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, float]]:
+    """Draw ``n`` images from ``model.sample`` in batches of at most ``batch_size``, all from one ``generator``.
+
+    Args:
+        model: anything with ``sample(n, generator, **options)``; a ``batch_size`` keyword is passed where its
+            ``sample`` takes one.
+        n: images in all.
+        batch_size: images per call.
+        generator: the noise of every batch, in order (same seed, same images).
+        labels: ``(n,)`` int64 classes of a class-conditional model; each batch gets its slice.
+        options: further keywords of ``sample``, already filtered to the ones it accepts.
+
+    Yields:
+        ``(images, batch_labels, seconds)``: ``(b, C, H, W)`` as ``sample`` returns them, the labels' slice (or
+        ``None``), and the wall time of that call.
+    """
+    takes_batch_size = _takes_batch_size(model)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        kwargs = dict(options or {})
+        batch_labels = None if labels is None else labels[start:start + b]
+        if batch_labels is not None:
+            kwargs["labels"] = batch_labels
+        if takes_batch_size:
+            kwargs["batch_size"] = b
+        t0 = time.perf_counter()
+        images = model.sample(b, generator=generator, **kwargs)
+        yield images, batch_labels, time.perf_counter() - t0
 
 
 def _takes_batch_size(model: Any) -> bool:
