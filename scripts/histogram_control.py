@@ -70,8 +70,10 @@ def main() -> None:
           f"(filled at random): {result['shortfall']}")
     print(f"protocol:\n{evaluator.protocol().describe()}")
     if args.out:
-        record = {"ckpt": args.ckpt, "label_distribution": args.label_distribution if labels is not None else None,
-                  "protocol": evaluator.protocol().to_dict(), **result}
+        sampling = dict(accepted_kwargs(model, options, warn=False))
+        if labels is not None:
+            sampling["label_distribution"] = args.label_distribution
+        record = {"ckpt": args.ckpt, "protocol": evaluator.protocol(sampling).to_dict(), **result}
         Path(args.out).write_text(json.dumps(record, indent=1, default=float))
 
 

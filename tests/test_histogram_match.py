@@ -116,5 +116,6 @@ def test_histogram_control_script_on_a_trained_gan(train_cfg: Callable[..., Dict
     assert record["pool_size"] == 60 and record["num_clusters"] == 4
     assert all(math.isfinite(record[s]["fid"]) for s in ("random", "matched"))
     assert record["protocol"]["num_samples"] == 30 and record["protocol"]["extractor"] == "mnist_classifier"
+    assert record["protocol"]["sampling"] == {}  # an unconditional GAN: no sampler options, no labels
     bad = subprocess.run([*cmd[:3], "--pool", "10", "--num-samples", "30"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--pool=10 must be at least --num-samples=30" in bad.stderr
