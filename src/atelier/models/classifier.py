@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
 
+from atelier.models.optim import optimizers_config
+
 
 class ClassifierNet(nn.Module):
     """Three conv blocks (conv-BN-ReLU-maxpool) and two linear layers.
@@ -155,9 +157,4 @@ class MNISTClassifier(LightningModule):
         print(f"test accuracy {acc:.4f} (loss {loss:.4f}) on {len(datamodule.test_set)} test images")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+        return optimizers_config(self.trainer, self.parameters(), self.optimizer_factory, self.lr_scheduler_factory)

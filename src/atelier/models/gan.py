@@ -12,7 +12,7 @@ from torch import nn
 from atelier.augment.diffaugment import diff_augment, parse_policy
 from atelier.losses.gan import check_loss, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from atelier.models.ema import make_ema
-from atelier.models.optim import OptimizerFactory, SchedulerFactory, build_scheduler
+from atelier.models.optim import OptimizerFactory, SchedulerFactory, build_scheduler, make_optimizer
 from atelier.sampling.guidance import rows_per_class
 from atelier.sampling.latents import interpolation_path
 
@@ -165,8 +165,8 @@ class GAN(LightningModule):
             self.log(key, value, prog_bar=key in ("train/d_loss", "train/g_loss"), batch_size=b)
 
     def configure_optimizers(self) -> Any:
-        optimizers = [self.optimizer_g_factory(self.generator.parameters()),
-                      self.optimizer_d_factory(self.discriminator.parameters())]
+        optimizers = [make_optimizer(self.optimizer_g_factory, self.generator.parameters(), "model.optimizer_g"),
+                      make_optimizer(self.optimizer_d_factory, self.discriminator.parameters(), "model.optimizer_d")]
         if self.lr_scheduler_factory is None:
             return optimizers
         trainer = self.trainer

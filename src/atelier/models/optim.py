@@ -157,11 +157,45 @@ def build_scheduler(trainer: Trainer, optimizer: torch.optim.Optimizer, lr_sched
     return lr_scheduler(optimizer=optimizer, num_training_steps=int(total))
 
 
+def make_optimizer(factory: OptimizerFactory, params: Iterable[nn.Parameter],
+                   key: str = "model.optimizer") -> torch.optim.Optimizer:
+    """``factory(params)``, with a config's ``betas`` passed as floats and a refusal that names the config key.
+
+    Hydra reads ``betas: [0, 0.99]`` (β1 = 0, as GAN papers write it) as an int and a float, and torch's Adam/AdamW
+    then refuse with "betas must be either both floats or both Tensors", naming no key. Here numeric ``betas`` of a
+    partial (a Hydra ``_partial_: true`` config) are passed as a tuple of floats.
+
+    Args:
+        factory: the optimiser partial, e.g. ``torch.optim.Adam`` with ``lr`` and ``betas``.
+        params: the parameters (or parameter groups) to optimise.
+        key: the config key of ``factory``, for the error message (``model.optimizer``, ``model.optimizer_g`` ...).
+
+    Raises:
+        ValueError: when the optimiser refuses its arguments (naming ``key`` and the optimiser's reason).
+    """
+    keywords = getattr(factory, "keywords", None) or {}
+    overrides: dict[str, Any] = {}
+    betas = keywords.get("betas")
+    if betas is not None and not isinstance(betas, str | torch.Tensor):
+        try:
+            values = list(betas)
+        except TypeError:
+            values = []
+        if values and all(isinstance(b, int | float) and not isinstance(b, bool) for b in values):
+            overrides["betas"] = tuple(float(b) for b in values)
+    try:
+        return factory(params, **overrides)
+    except (TypeError, ValueError) as err:
+        name = getattr(getattr(factory, "func", factory), "__name__", type(factory).__name__)
+        raise ValueError(f"{key} ({name}, arguments {dict(keywords)}) was refused: {err}") from err
+
+
 def optimizers_config(
     trainer: Trainer,
     params: Iterable[nn.Parameter],
     optimizer: OptimizerFactory,
     lr_scheduler: SchedulerFactory | None = None,
+    key: str = "model.optimizer",
 ) -> Any:
     """What ``LightningModule.configure_optimizers`` returns: the optimiser over ``params`` and, when
     ``lr_scheduler`` is given, that schedule (:func:`build_scheduler`: over ``trainer.estimated_stepping_batches``
@@ -169,9 +203,10 @@ def optimizers_config(
 
     Raises:
         ValueError: when a schedule is asked for but the training length is unbounded (no max_steps/max_epochs
-            and no time budget).
+            and no time budget), or when the optimiser refuses its arguments (:func:`make_optimizer`, naming
+            ``key``).
     """
-    opt = optimizer(params)
+    opt = make_optimizer(optimizer, params, key)
     if lr_scheduler is None:
         return opt
     scheduler = build_scheduler(trainer, opt, lr_scheduler)
