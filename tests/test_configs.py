@@ -87,6 +87,27 @@ def test_model_and_data_instantiate(data: str, tmp_path) -> None:
     assert dm.hparams.image_size == 32
 
 
+@pytest.mark.parametrize(("data", "overrides", "attention_at"), [
+    ("mnist", [], [8]),                                                  # 32 px: 32, 16, 8
+    ("art", [], [16]),                                                   # the art folder's 64 px: 64, 32, 16
+    ("art", ["model.net.block_out_channels=[64,128,128,256]"], [8]),     # four levels at 64 px
+])
+def test_default_ddpm_puts_attention_at_its_lowest_level(data: str, overrides: list[str], attention_at: list[int],
+                                                         tmp_path) -> None:
+    cfg = compose_cfg("train", [f"data={data}", *overrides], tmp_path)
+    assert list(cfg.model.net.attention_resolutions) == attention_at
+    net = hydra.utils.instantiate(cfg.model.net)
+    levels = len(cfg.model.net.block_out_channels)
+    # diffusers names a level with self-attention AttnDownBlock2D; only the lowest level has one
+    assert [type(b).__name__.startswith("Attn") for b in net.down_blocks] == [False] * (levels - 1) + [True]
+
+
+def test_attention_at_a_missing_resolution_names_the_key_and_the_choices(tmp_path) -> None:
+    cfg = compose_cfg("train", ["data=art", "model.net.attention_resolutions=[8]"], tmp_path)
+    with pytest.raises(InstantiationException, match=r"model\.net\.attention_resolutions: \[8\].*\[64, 32, 16\]"):
+        hydra.utils.instantiate(cfg.model.net)
+
+
 def test_experiment_overrides_only_what_differs(tmp_path) -> None:
     cfg = compose_cfg("train", ["experiment=ddpm_mnist_cpu"], tmp_path)
     assert cfg.task_name == "ddpm_mnist_cpu"

@@ -45,8 +45,9 @@ def build_unet(
         ``(B,)`` (int64 timesteps) and returns ``.sample`` of shape ``(B, out_channels, H, W)``.
 
     Raises:
-        ValueError: when the image size does not divide, or a channel count is not a multiple of
-            ``norm_num_groups``, naming the offending argument.
+        ValueError: when the image size does not divide, a channel count is not a multiple of
+            ``norm_num_groups``, or an attention resolution is not one of the UNet's, naming the offending
+            argument.
     """
     if num_classes is not None and int(num_classes) < 1:
         raise ValueError(f"num_classes={num_classes} must be a positive number of classes or null")
@@ -66,7 +67,9 @@ def build_unet(
     resolutions = [image_size // 2**i for i in range(levels)]
     unknown = sorted(set(attention_resolutions) - set(resolutions))
     if unknown:
-        raise ValueError(f"attention_resolutions {unknown} are not among this UNet's resolutions {resolutions}")
+        raise ValueError(f"model.net.attention_resolutions: {unknown} are not among this UNet's resolutions "
+                         f"{resolutions} (image_size={image_size}, {levels} levels); choose a subset of "
+                         f"{resolutions}, or [] for no self-attention")
     attn = [r in set(attention_resolutions) for r in resolutions]
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))

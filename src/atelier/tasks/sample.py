@@ -24,6 +24,7 @@ from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.loop import autocast_kwargs
 from atelier.utils.config import write_json
 from atelier.utils.device import resolve_device
+from atelier.utils.hydra_jobs import register_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def stored_config(checkpoint: dict[str, Any], path: Path, section: str) -> dict[
         run_cfg = path.resolve().parent.parent / ".hydra" / "config.yaml"
         if not run_cfg.is_file():
             raise KeyError(f"{path} holds no {section} config and {run_cfg} does not exist")
+        register_resolvers()  # the run's config may use Atelier's resolvers (e.g. ${atelier.lowest_resolution:...})
         stored = OmegaConf.to_container(OmegaConf.load(run_cfg)[section], resolve=True)
     return dict(stored)
 

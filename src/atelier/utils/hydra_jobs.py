@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -21,15 +22,23 @@ def _cpu_precision() -> str:
     return cpu_precision()
 
 
+def _lowest_resolution(image_size: int, block_out_channels: Any) -> list[int]:
+    return [int(image_size) // 2 ** (len(block_out_channels) - 1)]
+
+
 def register_resolvers() -> None:
     """``${atelier.mkdir:<dir>}``: creates ``<dir>`` and returns it (e.g. for the Optuna SQLite storage, whose
     folder must exist before the sweeper opens it). ``${atelier.cpu_precision:}``: ``bf16-mixed`` on a CPU with
     bf16 matrix units, else ``32-true`` (:func:`atelier.utils.precision.cpu_precision`; ``configs/trainer/cpu.yaml``).
-    Safe to call more than once."""
+    ``${atelier.lowest_resolution:<image_size>,<block_out_channels>}``: ``[image_size / 2^(levels - 1)]``, the side
+    in px of a UNet's lowest level, where ``configs/model/ddpm.yaml`` puts self-attention (8 px at 32 px, 16 px at
+    64 px). Safe to call more than once."""
     if not OmegaConf.has_resolver("atelier.mkdir"):
         OmegaConf.register_new_resolver("atelier.mkdir", _mkdir)
     if not OmegaConf.has_resolver("atelier.cpu_precision"):
         OmegaConf.register_new_resolver("atelier.cpu_precision", _cpu_precision)
+    if not OmegaConf.has_resolver("atelier.lowest_resolution"):
+        OmegaConf.register_new_resolver("atelier.lowest_resolution", _lowest_resolution)
 
 
 KEPT_HYDRA_OVERRIDES = ("hydra.searchpath", "hydra.job.chdir", "hydra.verbose", "hydra.job_logging",
