@@ -190,3 +190,38 @@ def test_every_n_steps_fires_once_per_multiple_reached_or_passed() -> None:
     resumed = EveryNSteps(5)
     assert not resumed.fire(11) and resumed.fire(15)  # resumed at 10: the first call does not look back further
     assert not any(EveryNSteps(0).fire(s) for s in range(1, 20))
+
+
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.d: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.d.append(float(trainer.callback_metrics["train/d_loss"]))
+
+
+def test_channels_last_trains_like_the_default_layout_and_checkpoints_load_in_either(tmp_path: Path) -> None:
+    runs = {}
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        model = _gan(num_classes=3, d_norm="spectral", channels_last=channels_last,
+                     diffaugment="color,translation,cutout")
+        losses = _Losses()
+        trainer = _fit(model, batches=4, labels=True, callbacks=[losses])
+        runs[channels_last] = (model, losses.d)
+        conv = model.discriminator.main[2].parametrizations.weight.original  # (16, 8, 4, 4); the first has C_in = 1
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert model.ema.module.main[3].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        trainer.save_checkpoint(tmp_path / f"cl_{channels_last}.ckpt")
+    (default, d_default), (cl, d_cl) = runs[False], runs[True]
+    # the same arithmetic in another memory layout: the same losses and weights up to float reordering
+    assert d_cl == pytest.approx(d_default, rel=1e-4, abs=1e-5)
+    for (name, a), b in zip(default.generator.state_dict().items(), cl.generator.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
+    # a channels-last checkpoint loads into a default-layout model and samples the same images
+    state = torch.load(tmp_path / "cl_True.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    fresh = _gan(num_classes=3, d_norm="spectral")
+    fresh.load_state_dict(state)
+    a = fresh.sample(6, generator=torch.Generator().manual_seed(0))
+    b = cl.sample(6, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-5)

@@ -43,6 +43,10 @@ class GAN(LightningModule):
         interpolation_rows: rows (pairs of latents) of the latent-interpolation grid; each row has
             ``interpolation_steps`` images.
         interpolation_steps: images per interpolation row.
+        channels_last: train G, D and the EMA generator in channels-last (NHWC) memory format, with real batches
+            converted to it (:meth:`configure_model`). The same arithmetic in another layout: on a 2-core Zen 4
+            in bf16 it trained the quick art GAN's nets ~1.1× faster (``scripts/bench_gan.py`` measures it on the
+            machine at hand). Checkpoints are unchanged.
 
     Raises:
         ValueError: for an unknown ``loss`` or DiffAugment policy, ``n_critic < 1``, ``r1_interval < 1``, or a
@@ -70,6 +74,7 @@ class GAN(LightningModule):
         ema_warmup: bool = True,
         interpolation_rows: int = 8,
         interpolation_steps: int = 8,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         check_loss(loss)
@@ -96,6 +101,13 @@ class GAN(LightningModule):
         # discriminator steps so far; a buffer, so it is in checkpoints and n_critic / lazy R1 resume exactly
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
 
+    def configure_model(self) -> None:
+        """Put G, D and the EMA generator in channels-last memory format when ``channels_last`` (Lightning calls
+        this before the optimisers are built and a checkpoint is restored; loading copies into that layout)."""
+        if self.hparams.get("channels_last", False):
+            for net in (self.generator, self.discriminator, self.ema.module):
+                net.to(memory_format=torch.channels_last)
+
     # ----------------------------------------------------------------- helpers
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """DiffAugment ``(B, C, H, W)`` images with the configured policy (identity when off)."""
@@ -118,6 +130,8 @@ class GAN(LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> None:
         real, labels = self._labels(batch)
+        if self.hparams.get("channels_last", False):
+            real = real.contiguous(memory_format=torch.channels_last)
         b = real.shape[0]
         opt_g, opt_d = self.optimizers()
         hp = self.hparams
