@@ -50,6 +50,12 @@ def test_conditional_gan_on_mnist_labels(train_cfg, tmp_path: Path, mnist_availa
     assert not torch.allclose(expected, cycled)
     save_grid(expected, tmp_path / "expected.png")
     assert (tmp_path / "sample" / "grid.png").read_bytes() == (tmp_path / "expected.png").read_bytes()
+    # a class the model does not have is refused before sampling, naming the key and the range
+    bad = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=4", "class_labels=[3,10]", "save_images=false"],
+                      tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"class_labels=\[3, 10\]: \[10\] outside this model's 10 classes; choose "
+                                         r"from 0 to 9"):
+        sample_task.run(bad)
 
 
 def _checkpoint(path: Path) -> dict:
@@ -114,3 +120,7 @@ def test_sample_task_from_each_family(train_cfg, tmp_path: Path, mnist_available
     a = model_.sample(3, generator=torch.Generator().manual_seed(0))
     assert a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, model_.sample(3, generator=torch.Generator().manual_seed(0)))
+    # an unconditional model refuses a class instead of ignoring it
+    labelled = compose_cfg("sample", [f"ckpt_path={ckpt}", "num_samples=2", "class_label=1"], tmp_path / "labelled")
+    with pytest.raises(ValueError, match=r"class_label=1 was given, but this checkpoint's model is unconditional"):
+        sample_task.run(labelled)

@@ -242,6 +242,27 @@ def requested_labels(cfg: DictConfig, conditional: bool = False, choice: str | N
     return classes[rows_per_class(int(cfg.num_samples), classes.numel())]
 
 
+def check_requested_classes(cfg: DictConfig, num_classes: int | None) -> None:
+    """Check ``class_labels`` / ``class_label`` against the model's classes.
+
+    Raises:
+        ValueError: when a class is asked of an unconditional model (``num_classes`` ``None``), or a class lies
+            outside ``[0, num_classes)``, naming the key and the allowed range.
+    """
+    key = "class_labels" if cfg.get("class_labels") is not None else "class_label"
+    asked = cfg.get(key)
+    if asked is None:
+        return
+    classes = [int(c) for c in (asked if key == "class_labels" else [asked])]
+    if num_classes is None:
+        raise ValueError(f"{key}={asked} was given, but this checkpoint's model is unconditional (no classes); "
+                         "leave it null")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"{key}={asked}: {bad} outside this model's {num_classes} classes; choose from 0 to "
+                         f"{num_classes - 1}")
+
+
 def interval_option(cfg: DictConfig) -> list[float] | None:
     """``cfg.guidance_interval`` (``[σ_lo, σ_hi]``, Kynkäänniemi et al. 2024) as plain floats, or ``None``; its
     values are checked by ``DDPM.sample`` (:func:`atelier.models.ddpm_sampling.check_interval`).
@@ -266,7 +287,9 @@ def sample_kwargs(model: L.LightningModule, cfg: DictConfig, choice: str | None 
     options = {k: cfg.get(k) for k in ("sampler", "num_inference_steps", "batch_size", "guidance_scale",
                                           "sampling_prior")}
     options["guidance_interval"] = interval_option(cfg)
-    options["labels"] = requested_labels(cfg, isinstance(getattr(model, "num_classes", None), int), choice)
+    num_classes = getattr(model, "num_classes", None)
+    options["labels"] = requested_labels(cfg, isinstance(num_classes, int), choice)
+    check_requested_classes(cfg, num_classes if isinstance(num_classes, int) else None)
     kwargs = accepted_kwargs(model, options)
     kwargs.update(autocast_kwargs(model, cfg.get("autocast")))
     kwargs.update(guide_kwargs(model, cfg))
