@@ -19,7 +19,6 @@ import argparse
 import logging
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,23 +30,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_train import StepTimer  # noqa: E402  (wall time of the batches after the warm-up)
 
 from atelier.utils.hydra_jobs import register_resolvers  # noqa: E402
 from atelier.utils.precision import cpu_precision  # noqa: E402
-
-
-class BatchTimer(L.Callback):
-    """Wall time from the start of batch ``warmup`` to the end of the last batch."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end = warmup, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.end = time.perf_counter()
 
 
 def recipe_model_config(experiment: str, channels_last: bool):
@@ -71,7 +59,7 @@ def batches_per_s(experiment: str, channels_last: bool, precision: str, batches:
     x = torch.rand(n, channels, size, size) * 2 - 1
     tensors = [x] if model.num_classes is None else [x, torch.randint(0, model.num_classes, (n,))]
     loader = DataLoader(TensorDataset(*tensors), batch_size=b, shuffle=False, drop_last=True)
-    timer = BatchTimer(warmup)
+    timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer])
