@@ -77,13 +77,16 @@ def _assert_same_tree(a, b, where: str) -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize("model", ["gan", "vae"])
+@pytest.mark.parametrize("model", ["gan", "gan_channels_last", "vae"])
 def test_resume_matches_uninterrupted_run(tmp_path: Path, mnist_available, model: str) -> None:
+    channels_last = model == "gan_channels_last"
+    model = "gan" if channels_last else model
     common = [f"model={model}", *TINY[model], *SHORT, "logger=csv", "print_config=false", "data.image_size=16",
               "data.batch_size=8", "callbacks.sample_grid.every_n_steps=0",
               "callbacks.sample_grid.on_train_end=false", "~callbacks.rich_progress_bar", "export_pipeline=false"]
     if model == "gan":
-        common += ["model.r1_gamma=1.0", "model.r1_interval=2", "model.diffaugment=translation"]
+        common += ["model.r1_gamma=1.0", "model.r1_interval=2", "model.diffaugment=translation",
+                   f"model.channels_last={str(channels_last).lower()}"]
     full = compose_cfg("train", [*common, "trainer.max_epochs=2"], tmp_path / "full")
     half = compose_cfg("train", [*common, "trainer.max_epochs=1"], tmp_path / "half")
     train_task.run(full)
