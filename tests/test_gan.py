@@ -149,6 +149,10 @@ def test_sample_contract_and_conditional_labels() -> None:
     grids = model.visualizations(torch.Generator().manual_seed(0))
     images, nrow = grids["interpolation"]
     assert images.shape == (6, 1, 16, 16) and nrow == 3
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\); got \[0, 3\]"):
+        model.sample(2, labels=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="got 1 labels for 2 samples"):
+        model.sample(2, labels=torch.tensor([0]))
 
 
 def test_conditional_gan_needs_labels() -> None:

@@ -11,7 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from atelier.sampling.edm import denoiser, heun_sample, make_edm_scheduler
-from atelier.sampling.guidance import autoguided_prediction, guided_prediction, in_interval, rows_per_class
+from atelier.sampling.guidance import autoguided_prediction, conditioning_labels, guided_prediction, in_interval
 from atelier.sampling.loop import autocast_context, reverse_diffusion, sampling_autocast_dtype
 from atelier.sampling.schedulers import make_scheduler
 
@@ -62,14 +62,7 @@ def sampling_labels(model: DDPM, n: int, labels: torch.Tensor | None,
             raise ValueError("labels / guidance_scale need a class-conditional DDPM (model.num_classes set); "
                              "this model is unconditional")
         return None
-    if labels is None:
-        labels = rows_per_class(n, model.num_classes)
-    labels = torch.as_tensor(labels, dtype=torch.long).flatten().to(model.device)
-    if labels.numel() != n:
-        raise ValueError(f"got {labels.numel()} labels for {n} samples")
-    if int(labels.min()) < 0 or int(labels.max()) >= model.num_classes:
-        raise ValueError(f"class labels must lie in [0, {model.num_classes}); got {labels.unique().tolist()}")
-    return labels
+    return conditioning_labels(n, labels, model.num_classes, model.device)
 
 
 def sampling_scheduler(model: DDPM, sampler: str) -> object:

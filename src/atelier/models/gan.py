@@ -13,7 +13,7 @@ from atelier.augment.diffaugment import diff_augment, parse_policy
 from atelier.losses.gan import check_loss, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from atelier.models.ema import make_ema
 from atelier.models.optim import OptimizerFactory, SchedulerFactory, build_scheduler, make_optimizer
-from atelier.sampling.guidance import rows_per_class
+from atelier.sampling.guidance import conditioning_labels
 from atelier.sampling.latents import interpolation_path
 
 
@@ -223,9 +223,7 @@ class GAN(LightningModule):
     def _default_labels(self, n: int, labels: torch.Tensor | None) -> torch.Tensor | None:
         if self.num_classes is None:
             return None
-        if labels is None:
-            labels = rows_per_class(n, self.num_classes)
-        return torch.as_tensor(labels, dtype=torch.long).to(self.device)
+        return conditioning_labels(n, labels, self.num_classes, self.device)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
@@ -242,6 +240,10 @@ class GAN(LightningModule):
 
         Returns:
             ``(n, C, H, W)`` float32 in ``[-1, 1]`` on this module's device.
+
+        Raises:
+            ValueError: for a conditional GAN, ``labels`` of other than ``n`` entries or outside
+                ``[0, num_classes)`` (:func:`atelier.sampling.guidance.conditioning_labels`).
         """
         return self._generate(self._latents(n, generator), self._default_labels(n, labels), batch_size, use_ema)
 

@@ -140,6 +140,24 @@ def rows_per_class(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)[:n]
 
 
+def conditioning_labels(n: int, labels: torch.Tensor | None, num_classes: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n,)`` int64 labels on ``device`` to sample a class-conditional model with: ``labels`` as given (any
+    int sequence or tensor of ``n`` entries), or :func:`rows_per_class` when ``None``.
+
+    Raises:
+        ValueError: when ``labels`` has other than ``n`` entries or a class outside ``[0, num_classes)``.
+    """
+    if labels is None:
+        labels = rows_per_class(n, num_classes)
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten().to(device)
+    if labels.numel() != n:
+        raise ValueError(f"got {labels.numel()} labels for {n} samples")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"class labels must lie in [0, {num_classes}); got {labels.unique().tolist()}")
+    return labels
+
+
 def prior_labels(n: int, class_counts: torch.Tensor) -> torch.Tensor:
     """``(n,)`` int64 labels whose class frequencies follow ``class_counts`` ``(K,)`` (e.g. the training split's
     label counts), by largest-remainder quotas (Hamilton's method), each class's images consecutive. Sampling a
