@@ -26,6 +26,7 @@ import hydra
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,8 @@ from atelier.utils.hydra_jobs import register_resolvers  # noqa: E402
 from atelier.utils.precision import cpu_precision  # noqa: E402
 
 
-def recipe_model_config(experiment: str, channels_last: bool):
-    """The ``model`` config of ``experiment=<experiment>`` with ``model.channels_last`` set."""
+def recipe_config(experiment: str, channels_last: bool) -> DictConfig:
+    """The composed train config of ``experiment=<experiment>`` with ``model.channels_last`` set."""
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}",
@@ -50,7 +51,7 @@ def recipe_model_config(experiment: str, channels_last: bool):
 def batches_per_s(experiment: str, channels_last: bool, precision: str, batches: int, warmup: int,
                   batch_size: int | None) -> tuple[float, int]:
     """Training batches/s of the recipe's GAN on random data, and the batch size used."""
-    cfg = recipe_model_config(experiment, channels_last)
+    cfg = recipe_config(experiment, channels_last)
     b = int(batch_size or cfg.data.batch_size)
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.model)
