@@ -42,6 +42,7 @@ from atelier.models.ddpm_sampling import check_interval, guided_steps
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row
 from atelier.tasks.sample import guide_kwargs, load_module
+from atelier.utils.allocator import tune_cpu_allocator
 
 COLUMNS = ["guide", "autoguidance_scale", "guidance_interval", "NFE", "fid", "kid", "precision", "recall", "s/image"]
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     extractor_args(parser)
     label_args(parser)
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory; ATELIER_MALLOC_TUNING=0: glibc's default
     rows = sweep(args)
     print(f"\nAutoguidance sweep for {args.ckpt}\n\n{format_table(rows, COLUMNS)}\n\nwritten to {args.out}")
     return rows

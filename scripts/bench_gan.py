@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_train import StepTimer  # noqa: E402  (wall time of the batches after the warm-up)
 
+from atelier.utils.allocator import tune_cpu_allocator  # noqa: E402
 from atelier.utils.hydra_jobs import register_resolvers  # noqa: E402
 from atelier.utils.precision import cpu_precision  # noqa: E402
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per layout, alternating")
     parser.add_argument("--precision", default=None, help="default: what trainer=cpu picks on this CPU")
     args = parser.parse_args()
+    print(f"glibc malloc tuning (atelier.utils.allocator): {'on' if tune_cpu_allocator() else 'off'}", flush=True)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")

@@ -29,6 +29,7 @@ from atelier.models.ddpm import DDPM  # noqa: E402
 from atelier.nets.unet import build_unet  # noqa: E402
 from atelier.sampling.loop import sampling_autocast_dtype  # noqa: E402
 from atelier.tasks.sample import load_module  # noqa: E402
+from atelier.utils.allocator import tune_cpu_allocator  # noqa: E402
 from atelier.utils.precision import cpu_flags  # noqa: E402
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--channels-last", action="store_true", help="also time the network in channels_last")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    print(f"glibc malloc tuning (atelier.utils.allocator): {'on' if tune_cpu_allocator() else 'off'}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 

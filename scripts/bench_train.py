@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from atelier.data.mnist import MNISTDataModule  # noqa: E402
 from atelier.models.ddpm import DDPM  # noqa: E402
 from atelier.nets.unet import build_unet  # noqa: E402
+from atelier.utils.allocator import tune_cpu_allocator  # noqa: E402
 from atelier.utils.precision import BF16_MATRIX_FLAGS, BF16_VECTOR_FLAGS, cpu_flags, cpu_precision  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -147,6 +148,7 @@ def main() -> None:
                              "so raise --warmup above the steps that recompile (default 5 is enough for one shape)")
     parser.add_argument("--data-dir", default=os.environ.get("ATELIER_DATA_DIR", str(ROOT / "data")))
     args = parser.parse_args()
+    print(f"glibc malloc tuning (atelier.utils.allocator): {'on' if tune_cpu_allocator() else 'off'}", flush=True)
 
     dm = MNISTDataModule(args.data_dir, image_size=args.image_size, download=False)
     dm.setup()

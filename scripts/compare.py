@@ -20,6 +20,7 @@ from fid_vs_nfe import extractor_args, make_evaluator
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row, sampling_params
 from atelier.tasks.sample import load_module
+from atelier.utils.allocator import tune_cpu_allocator
 
 
 def fit_seconds(ckpt: Path) -> float | None:
@@ -39,6 +40,7 @@ def main() -> None:
                         help="VAE latent prior (default: the model's own)")
     extractor_args(parser)
     args = parser.parse_args()
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory; ATELIER_MALLOC_TUNING=0: glibc's default
 
     evaluator = make_evaluator(args, args.ckpts[0])
     rows = []

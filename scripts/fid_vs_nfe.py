@@ -37,6 +37,7 @@ from atelier.sampling.loop import autocast_kwargs
 from atelier.sampling.schedulers import SAMPLERS, expected_nfe
 from atelier.tasks.evaluate import LABEL_CHOICES, evaluation_labels, format_table, reference_datamodule, result_row
 from atelier.tasks.sample import load_module
+from atelier.utils.allocator import tune_cpu_allocator
 
 DEFAULT_SAMPLERS = ",".join(SAMPLERS)
 DEFAULT_NFE = "10,25,50,100"
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     extractor_args(parser)
     label_args(parser)
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory; ATELIER_MALLOC_TUNING=0: glibc's default
     pairs = parse_rows(args)
 
     model = load_module(args.ckpt, ema_sigma_rel=args.ema_sigma_rel).to(args.device)

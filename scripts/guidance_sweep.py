@@ -37,6 +37,7 @@ from fid_vs_nfe import (
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import format_table, result_row
 from atelier.tasks.sample import load_module
+from atelier.utils.allocator import tune_cpu_allocator
 
 COLUMNS = ["model", "guidance_scale", "fid", "kid", "cond_accuracy", "class_coverage", "s/image"]
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     extractor_args(parser)
     label_args(parser)
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory; ATELIER_MALLOC_TUNING=0: glibc's default
     rows = sweep(args)
     print(f"\nGuidance sweep for {args.ckpt}\n\n{format_table(rows, COLUMNS)}\n\nwritten to {args.out}")
     return rows

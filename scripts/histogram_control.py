@@ -27,6 +27,7 @@ from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.loop import autocast_kwargs
 from atelier.tasks.evaluate import evaluation_labels, format_table
 from atelier.tasks.sample import load_module
+from atelier.utils.allocator import tune_cpu_allocator
 
 COLUMNS = ["subset", "fid", "kid", "kid_std", "precision", "recall"]
 
@@ -53,6 +54,7 @@ def main() -> None:
     extractor_args(parser)
     label_args(parser)
     args = parser.parse_args()
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory; ATELIER_MALLOC_TUNING=0: glibc's default
     if args.pool < args.num_samples:
         raise SystemExit(f"--pool={args.pool} must be at least --num-samples={args.num_samples}")
 

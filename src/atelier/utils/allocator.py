@@ -1,18 +1,20 @@
 """glibc's malloc tuned for PyTorch on the CPU: freed tensor memory is reused, not returned to the kernel.
 
 By default glibc serves every allocation above its mmap threshold (dynamic, at most 32 MiB on 64-bit) with a
-fresh ``mmap`` and hands it back with ``munmap`` when the tensor is freed. A network whose activations exceed
-that size (the quick DDPM sampled with classifier-free guidance at batch 256 makes (512, 64, 28, 28) tensors)
-then pays a page fault for every 4 KiB page of every activation, at every step: on a 2-core AMD EPYC Zen 4
-(stop 43) ``python sample.py`` spent 74 s of its 185 CPU-seconds in the kernel and drew 1,000 samples in 90.4 s;
-with :func:`tune_cpu_allocator` 1.2 s of kernel time and 43.6 s. Training the same UNet at batch 64 was unchanged
-(its tensors stay below the threshold).
+fresh ``mmap`` and hands it back with ``munmap`` when the tensor is freed, and trims the heap's top when it
+grows past the trim threshold. A network with activations of tens of MB (the quick DDPM sampled with
+classifier-free guidance at batch 256: (512, 32, 28, 28) tensors, 26 MB in bf16) then keeps writing to fresh
+pages, each 4 KiB page a page fault that the kernel fills with zeros. On a 2-core AMD EPYC Zen 4
+(stop 43), ``python sample.py`` drew 1,000 samples from the k-means DDPM in 87.8 s, 68 s of its CPU time in the
+kernel; tuned, in 44.4 s and 43.7 s with 1.3 s in the kernel, the same images byte for byte. Training the quick
+DDPM at batch 64 (``scripts/bench_train.py``) and the art GAN (``scripts/bench_gan.py``) changed within their
+run-to-run noise (about 5 %).
 
 The tuning is glibc's own knobs (``mallopt(3)``: ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``), the same that
 ``MALLOC_MMAP_THRESHOLD_`` / ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold`` set at process start; jemalloc or
-tcmalloc through ``LD_PRELOAD`` (what ``python -m torch.backends.xeon.run_cpu`` arranges) do the same job and
+tcmalloc through ``LD_PRELOAD`` (which ``python -m torch.backends.xeon.run_cpu`` can arrange) do the same job and
 need the library installed before the process starts. The cost: the process keeps its peak heap (resident memory
-does not shrink after a peak; 1.69 GB against 1.38 GB in the run above).
+does not shrink after a peak; 1.61-1.67 GB against 1.39 GB in the runs above).
 
 The entry points (``train.py``, ``sample.py``, ``evaluate.py``, ...) call :func:`tune_cpu_allocator` first.
 ``ATELIER_MALLOC_TUNING=0`` turns it off; a user's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
