@@ -8,10 +8,6 @@ os.environ.setdefault("ATELIER_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig
 
-from atelier.utils.allocator import tune_cpu_allocator
-
-tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="generate")
 def main(cfg: DictConfig) -> None:

@@ -8,7 +8,6 @@ os.environ.setdefault("ATELIER_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig
 
-from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.hydra_jobs import (
     in_multirun,
     in_optimizing_sweep,
@@ -17,7 +16,6 @@ from atelier.utils.hydra_jobs import (
 )
 
 register_resolvers()
-tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

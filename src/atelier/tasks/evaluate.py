@@ -27,6 +27,7 @@ from atelier.tasks.sample import (
     load_module,
     stored_config,
 )
+from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.config import instantiate_group, run_info, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
@@ -112,6 +113,7 @@ def result_row(result: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; print a table, write ``metrics.json`` and log to the configured loggers."""
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device", "auto"))

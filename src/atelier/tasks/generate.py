@@ -29,6 +29,7 @@ from atelier.text2image.pipeline import (
     set_sampler,
 )
 from atelier.text2image.schedulers import SD_SAMPLERS
+from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.config import instantiate_group, write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.loggers import finish_wandb
@@ -107,6 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError: for a missing prompt file, init image, model directory, weights or LoRA adapter.
         ValueError: for a bad option value (the message names the key and the allowed values).
     """
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
     output_dir = Path(cfg.paths.output_dir)
     check_options(cfg)
     prompts = read_prompts(_plain(cfg.get("prompt")), cfg.get("prompt_file"))

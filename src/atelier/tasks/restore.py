@@ -17,6 +17,7 @@ from atelier.models.restore import Restoration
 from atelier.style.color import luminance
 from atelier.style.io import load_image, save_png, side_by_side
 from atelier.tasks.sample import load_module
+from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.config import write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.media import log_task_results
@@ -62,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ValueError: for an unreadable input image (naming it), or a checkpoint that is not a restoration model.
         KeyError: for a ``degrade`` name the model does not have (listing those it has).
     """
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = input_paths(cfg.input)

@@ -22,6 +22,7 @@ from atelier.data.label_counts import stored_label_counts
 from atelier.sampling.guidance import prior_labels, rows_per_class
 from atelier.sampling.interface import accepted_kwargs
 from atelier.sampling.loop import autocast_kwargs
+from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.config import write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.hydra_jobs import register_resolvers
@@ -318,6 +319,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ValueError: for ``num_samples`` < 1 (before the checkpoint is read), and the model's own sampling errors.
         TypeError: for an image-to-image checkpoint (style transfer, restoration), which has no ``sample``.
     """
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
     output_dir = Path(cfg.paths.output_dir)
     if int(cfg.num_samples) < 1:
         raise ValueError(f"num_samples={cfg.num_samples} is not allowed; draw at least 1 image")

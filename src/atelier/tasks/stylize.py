@@ -17,6 +17,7 @@ from atelier.style.io import load_image, save_png, side_by_side
 from atelier.style.optimize import stylize_gatys
 from atelier.style.vgg import VGGFeatures
 from atelier.tasks.sample import load_module
+from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.config import write_json
 from atelier.utils.device import resolve_device
 from atelier.utils.media import log_task_results
@@ -62,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError: for a missing content/style/checkpoint file (naming it).
         VGGWeightsError: when the ImageNet VGG-19 weights are needed but not available.
     """
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
     if cfg.method not in METHODS:
         raise ValueError(f"method={cfg.method!r} is not allowed; choose one of {list(METHODS)}")
     output_dir = Path(cfg.paths.output_dir)

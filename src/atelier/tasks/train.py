@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atelier.callbacks.checkpoint_extras import CheckpointExtras
 from atelier.callbacks.preemption import Preemption, ignore_late_warning
+from atelier.utils.allocator import tune_cpu_allocator
 from atelier.utils.batching import apply_global_batch_size
 from atelier.utils.config import instantiate_group, print_config_tree, run_info, write_json
 from atelier.utils.loggers import finish_wandb
@@ -43,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ValueError: a wrong ``resume``/``global_batch_size``/``micro_batch_size`` value (names the key), or
             gradient accumulation requested for a module with manual optimisation (GAN).
     """
+    tune_cpu_allocator()  # large CPU tensors reuse freed memory (atelier.utils.allocator)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     owner = is_launch_rank_zero()

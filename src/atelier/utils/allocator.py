@@ -16,7 +16,9 @@ tcmalloc through ``LD_PRELOAD`` (which ``python -m torch.backends.xeon.run_cpu``
 need the library installed before the process starts. The cost: the process keeps its peak heap (resident memory
 does not shrink after a peak; 1.61-1.67 GB against 1.39 GB in the runs above).
 
-The entry points (``train.py``, ``sample.py``, ``evaluate.py``, ...) call :func:`tune_cpu_allocator` first.
+Every task's ``run`` (``atelier.tasks.train``, ``sample``, ``evaluate``, ``generate``, ``restore``, ``stylize``: what
+the entry points and the jobs of a launcher such as SLURM call) and the sampling scripts call
+:func:`tune_cpu_allocator` first.
 ``ATELIER_MALLOC_TUNING=0`` turns it off; a user's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
 ``GLIBC_TUNABLES`` malloc setting, or another allocator in ``LD_PRELOAD``, is left alone.
 """
