@@ -50,10 +50,9 @@ def _glibc() -> ctypes.CDLL | None:
     """The process's C library if it is glibc (it has ``gnu_get_libc_version``), else ``None``."""
     try:
         libc = ctypes.CDLL(None)
-        version = libc.gnu_get_libc_version
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it; musl and others raise AttributeError)
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
     return libc
 
 
